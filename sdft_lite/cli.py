@@ -1,0 +1,157 @@
+"""`sdft-lite` command line. Heavy libraries are imported inside the command that needs them,
+so `sdft-lite --help` and `sdft-lite validate` stay fast.
+
+User errors (bad recipe, bad data, existing run...) print a message and exit 2, without a
+traceback; unexpected errors exit 1 and the traceback goes to the run's train.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _load(args) -> object:
+    from .config import load_recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "resume", False):
+        overrides.append("output.if_exists=resume")
+    if getattr(args, "overwrite", False):
+        overrides.append("output.if_exists=overwrite")
+    if getattr(args, "name", None):
+        overrides.append(f"output.name={args.name}")
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_validate(args) -> int:
+    from .config import dump_recipe
+
+    recipe = _load(args)
+    if args.print:
+        print(dump_recipe(recipe), end="")
+    print(f"ok: {args.recipe} is a valid recipe (method {recipe.method.name}, teacher {recipe.teacher.kind}, "
+          f"model {recipe.model.name})", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import run_folder_for, train
+
+    recipe = _load(args)
+    run = run_folder_for(recipe, args.recipe)
+    print(f"run folder: {run.path}", file=sys.stderr)
+    run = train(recipe, args.recipe)
+    state = run.read_status().get("state")
+    print(f"{state}: adapter saved to {run.adapter}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from .config import describe_fields, markdown_table
+
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    for key, default, help_ in describe_fields():
+        if args.section and not key.startswith(args.section):
+            continue
+        print(f"{key} = {default}\n    {help_}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from .runs import RunFolder
+
+    run = RunFolder(args.run if os.path.sep in args.run or os.path.isdir(args.run) else os.path.join(args.runs_dir, args.run))
+    if not run.status_file.exists():
+        return _err(f"no run at {run.path} (expected a status.json there)")
+    state = run.read_status().get("state")
+    if state not in ("queued", "running"):
+        return _err(f"run {run.name} is not running (state: {state})")
+    run.request_stop()
+    print(f"stop requested: {run.name} will save and stop after its current step", file=sys.stderr)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .runs import list_runs
+
+    runs = list_runs(args.runs_dir)
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    print(f"{'name':30} {'state':10} {'step':>11}  started")
+    for run in runs:
+        s = run.read_status()
+        step = f"{s.get('step', 0)}/{s.get('total_steps') or '?'}"
+        print(f"{run.name:30} {s.get('state', '?'):10} {step:>11}  {s.get('started_at', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sdft-lite",
+        description="Self-Distillation Fine-Tuning: a LoRA student learns from itself shown a demonstration.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_args(sp):
+        sp.add_argument("recipe", help="recipe YAML file")
+        sp.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe keys, e.g. train.max_steps=10 teacher.kind=base")
+
+    sp = sub.add_parser("train", help="train per a recipe; writes runs/<name>/")
+    recipe_args(sp)
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    sp.add_argument("--name", help="run name (same as output.name=...)")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("validate", help="check a recipe and report every problem at once")
+    recipe_args(sp)
+    sp.add_argument("--print", action="store_true", help="print the resolved recipe with all defaults")
+    sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("keys", help="list every recipe key with its default and help")
+    sp.add_argument("section", nargs="?", help="only keys starting with this, e.g. loss")
+    sp.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
+    sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("stop", help="ask a running training to save and stop after its current step")
+    sp.add_argument("run", help="run name (under --runs-dir) or run folder path")
+    sp.add_argument("--runs-dir", default="runs")
+    sp.set_defaults(func=cmd_stop)
+
+    sp = sub.add_parser("runs", help="list runs and their state")
+    sp.add_argument("--runs-dir", default="runs")
+    sp.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .errors import is_user_error
+
+        if is_user_error(e):
+            return _err(str(e))
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The entry path, top to bottom: recipe -> run folder -> data -> model -> teacher -> train -> save."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from .config import Recipe, dump_recipe
+from .runs import RunFolder, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(Exception):
+    """A user-facing failure during setup (bad rows, unsupported option...)."""
+
+
+def run_folder_for(recipe: Recipe, recipe_path: str | Path | None) -> RunFolder:
+    return RunFolder(Path(recipe.output.dir) / recipe.run_name(recipe_path))
+
+
+def _attach_log_file(run: RunFolder) -> logging.Handler:
+    handler = logging.FileHandler(run.log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("sdft_lite", "transformers", "peft"):
+        logging.getLogger(name).addHandler(handler)
+    logging.getLogger("sdft_lite").setLevel(logging.INFO)
+    return handler
+
+
+def _detach_log_file(handler: logging.Handler) -> None:
+    for name in ("sdft_lite", "transformers", "peft"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
+    """Train per the recipe; returns the finished run folder. Raises on failure (status.json says why)."""
+    run = run_folder_for(recipe, recipe_path)
+    run.prepare(recipe.output.if_exists)
+    ckpt = run.last_checkpoint() if recipe.output.if_exists == "resume" else None
+    if ckpt is not None:
+        _truncate_metrics(run, int(ckpt.name.split("-")[-1]))
+    recipe_yaml = dump_recipe(recipe)
+    atomic_write_text(run.recipe, recipe_yaml)
+    run.write_status(state="running", step=0, total_steps=None, error=None, hint=None, stage="loading data")
+    handler = _attach_log_file(run)
+    try:
+        trainer = _build_trainer(recipe, run, recipe_yaml)
+        if ckpt is not None:
+            log.info("resuming from %s", ckpt)
+            if trainer.teacher is not None and (ckpt / "ema_shadow.pt").exists():
+                import torch
+
+                trainer.teacher.load_state_dict(torch.load(ckpt / "ema_shadow.pt", map_location="cpu"))
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        save_adapter(trainer.model, trainer.processing_class, run)
+        stopped = run.stop_requested()
+        run.write_status(state="stopped" if stopped else "completed", step=trainer.state.global_step, stage=None)
+        log.info("run %s %s at step %d", run.name, "stopped" if stopped else "completed", trainer.state.global_step)
+        return run
+    except BaseException as e:
+        from .errors import describe_failure
+
+        error, hint = describe_failure(e)
+        state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+        run.write_status(state=state, error=error, hint=hint, stage=None)
+        log.error("run failed: %s", error, exc_info=not hint)
+        raise
+    finally:
+        _detach_log_file(handler)
+
+
+def _truncate_metrics(run: RunFolder, step: int) -> None:
+    """On resume, drop records logged after the checkpoint: they will be logged again."""
+    import json
+
+    from .runs import read_jsonl
+
+    for path in (run.metrics, run.samples):
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+
+def _build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str):
+    import torch
+    from transformers import TrainingArguments
+
+    from .data import load_data
+    from .models import load_frozen, load_student
+    from .prompts import PromptEncoder
+    from .teacher import Teacher
+    from .trainer import RunCallback, SDFTTrainer
+
+    data = load_data(recipe.data)
+    if data.skipped:
+        log.warning("skipped %d bad rows: %s", len(data.skipped), data.skipped[:20])
+    run.write_status(stage="loading model")
+    loaded = load_student(recipe.model, recipe.train.gradient_checkpointing, recipe.train.seed)
+    encoder = PromptEncoder(loaded.tokenizer, recipe.data)
+    encoded, bad = encoder.encode(data.train)
+    if bad and recipe.data.on_bad_row == "error":
+        listed = "; ".join(f"row {r}: {why}" for r, why in bad[:20])
+        more = f" ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise TrainError(f"{len(bad)} row(s) of {recipe.data.source} are too long: {listed}{more}. "
+                         "Raise data.max_prompt_tokens, or set data.on_bad_row: skip to drop them.")
+    if bad:
+        log.warning("skipped %d over-long rows: %s", len(bad), bad[:20])
+    if not encoded:
+        raise TrainError(f"no usable training rows in {recipe.data.source}")
+    truncated = sum(e.demo_truncated for e in encoded)
+    if truncated:
+        log.warning("%d demonstrations were truncated to fit data.max_teacher_prompt_tokens", truncated)
+
+    teacher = None
+    if recipe.method.name == "sdft":
+        external = load_frozen(recipe.teacher.model, recipe.model, loaded.device, loaded.dtype) if recipe.teacher.model else None
+        teacher = Teacher(loaded.model, recipe.teacher.kind, recipe.teacher.ema_rate, recipe.teacher.sync_steps, external)
+
+    t = recipe.train
+    use_cuda = loaded.device.type == "cuda"
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.num_epochs,
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[] if t.report_to == ["none"] else list(t.report_to),
+        remove_unused_columns=False,
+        gradient_checkpointing=False,  # enabled on the model at load time
+        bf16=use_cuda and loaded.dtype == torch.bfloat16,
+        fp16=use_cuda and loaded.dtype == torch.float16,
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    return SDFTTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=encoded,
+        recipe=recipe,
+        teacher=teacher,
+        run=run,
+        eos_ids=loaded.eos_ids,
+        pad_id=loaded.pad_id,
+        tokenizer=loaded.tokenizer,
+        callbacks=[RunCallback(run, teacher, recipe_yaml)],
+    )
+
+
+def save_adapter(model, tokenizer, run: RunFolder) -> None:
+    """Write the student adapter to adapter/ via a temp folder, so adapter/ is always complete."""
+    from .models import STUDENT_ADAPTER
+
+    tmp = run.path / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), selected_adapters=[STUDENT_ADAPTER])
+    tokenizer.save_pretrained(str(tmp))
+    old = run.path / ".adapter.old"
+    if run.adapter.exists():
+        run.adapter.rename(old)
+    tmp.rename(run.adapter)
+    shutil.rmtree(old, ignore_errors=True)
