@@ -121,10 +121,11 @@ class DataConfig(Section):
         "error",
         description="Rows with a missing/empty prompt or demonstration, or a too-long prompt: 'error' stops with the row numbers, 'skip' drops them and reports which.",
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N rows (after bad-row handling).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N training rows (after bad-row handling and the eval split).")
     eval_source: str | None = Field(
         None, description="Held-out evaluation data (same formats as source). Leave empty to use eval_fraction."
     )
+    eval_split: str = Field("test", description="Split of eval_source to use when it is a Hub dataset or a saved DatasetDict.")
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of source held out for evaluation when eval_source is empty."
     )

@@ -362,7 +362,7 @@ def _split_eval(examples: list[Example], fraction: float) -> tuple[list[Example]
 
 def _load_split(source: str, cfg: DataConfig, split: str, key: str) -> tuple[list[Example], list]:
     try:
-        rows = read_table(source, cfg.split)
+        rows = read_table(source, cfg.split if split == "train" else cfg.eval_split)
     except DataError as e:
         raise DataError(f"{key}: {e}") from None
     where = f"{key} {source}"

@@ -47,7 +47,7 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
     run.write_status(state="running", step=0, total_steps=None, error=None, hint=None, stage="loading data")
     handler = _attach_log_file(run)
     try:
-        trainer = _build_trainer(recipe, run, recipe_yaml)
+        trainer = build_trainer(recipe, run, recipe_yaml)
         if ckpt is not None:
             log.info("resuming from %s", ckpt)
             if trainer.teacher is not None and (ckpt / "ema_shadow.pt").exists():
@@ -83,32 +83,25 @@ def _truncate_metrics(run: RunFolder, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 
-def _build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str):
+def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None):
+    """Data -> model -> prompts -> teacher -> SDFTTrainer, ready for .train()."""
     import torch
     from transformers import TrainingArguments
 
-    from .data import load_data
+    from .data import handle_bad_rows, load_data
     from .models import load_frozen, load_student
     from .prompts import PromptEncoder
     from .teacher import Teacher
     from .trainer import RunCallback, SDFTTrainer
 
     data = load_data(recipe.data)
-    if data.skipped:
-        log.warning("skipped %d bad rows: %s", len(data.skipped), data.skipped[:20])
     run.write_status(stage="loading model")
     loaded = load_student(recipe.model, recipe.train.gradient_checkpointing, recipe.train.seed)
     encoder = PromptEncoder(loaded.tokenizer, recipe.data)
     encoded, bad = encoder.encode(data.train)
-    if bad and recipe.data.on_bad_row == "error":
-        listed = "; ".join(f"row {r}: {why}" for r, why in bad[:20])
-        more = f" ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise TrainError(f"{len(bad)} row(s) of {recipe.data.source} are too long: {listed}{more}. "
-                         "Raise data.max_prompt_tokens, or set data.on_bad_row: skip to drop them.")
-    if bad:
-        log.warning("skipped %d over-long rows: %s", len(bad), bad[:20])
-    if not encoded:
-        raise TrainError(f"no usable training rows in {recipe.data.source}")
+    # Prompt length needs the tokenizer, so it is checked here with the same bad-row policy.
+    handle_bad_rows(encoded, bad, total=len(data.train), on_bad_row=recipe.data.on_bad_row, split="train",
+                    where=f"data.source {recipe.data.source}")
     truncated = sum(e.demo_truncated for e in encoded)
     if truncated:
         log.warning("%d demonstrations were truncated to fit data.max_teacher_prompt_tokens", truncated)
@@ -157,7 +150,7 @@ def _build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str):
         eos_ids=loaded.eos_ids,
         pad_id=loaded.pad_id,
         tokenizer=loaded.tokenizer,
-        callbacks=[RunCallback(run, teacher, recipe_yaml)],
+        callbacks=[RunCallback(run, teacher, recipe_yaml or dump_recipe(recipe))],
     )
 
 

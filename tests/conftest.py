@@ -22,12 +22,12 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
 def build_tokenizer(out_dir: Path):
     """A character-level fast tokenizer with a ChatML chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
@@ -39,24 +39,28 @@ def build_tokenizer(out_dir: Path):
 
 
 def build_model(out_dir: Path, vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0, eos=None):
-    """A tiny random Qwen2 causal LM saved as a real model folder."""
+    """A tiny random Llama-architecture causal LM saved as a real model folder.
+
+    Llama, not Qwen2: transformers 5 loads the tokenizer of a folder whose config says qwen2 as
+    Qwen2Tokenizer, which replaces our character pre-tokenizer with byte-level BPE rules.
+    """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         eos_token_id=eos, pad_token_id=0,
     )
-    model = Qwen2ForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
     model.save_pretrained(out_dir)
     return model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """Folder with a tiny Qwen2 model (hidden 64, 2 layers; bitsandbytes CPU 4-bit needs in_features >= 64) + char tokenizer with ChatML."""
+    """Folder with a tiny Llama model (hidden 64, 2 layers; bitsandbytes CPU 4-bit needs in_features >= 64) + char tokenizer with ChatML."""
     d = tmp_path_factory.mktemp("tiny-model")
     tok = build_tokenizer(d)
     build_model(d, vocab_size=len(tok), eos=tok.convert_tokens_to_ids("<|im_end|>"))
