@@ -222,6 +222,38 @@ class TrainConfig(Section):
     )
 
 
+SCORERS = ("exact", "normalized", "contains", "regex", "numeric")
+
+
+class ProbeConfig(Section):
+    name: str = Field(..., description="Name of the prior skill this probe set measures (shown in tables).")
+    source: str = Field(..., description="Probe data file/folder/Hub id (same formats as data.source).")
+    split: str = Field("train", description="Split for a Hub dataset or saved DatasetDict.")
+    prompt_column: str = Field("prompt", description="Column with the question.")
+    answer_column: str = Field("answer", description="Column with the reference answer.")
+    scorer: str | None = Field(None, description="Scorer for this probe set; empty = eval.scorer.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
+class EvalConfig(Section):
+    scorer: str = Field(
+        "exact",
+        description="How a completion is judged against the reference answer: exact, normalized (case/space/punctuation-insensitive), contains, regex (the answer is a pattern searched in the completion), numeric (last number equals the answer), or 'module:function' (a Python function you write: fn(completion, answer, example) -> bool or float; it runs your code).",
+    )
+    extract: str | None = Field(
+        None, description="Regex applied to each completion before scoring; its first group (or whole match) is scored."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated during evaluation (greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch during evaluation.")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most N rows of each set (empty = all).")
+    before: bool = Field(True, description="Evaluate before training (the baseline row of the table).")
+    after: bool = Field(True, description="Evaluate after training.")
+    probes: list[ProbeConfig] = Field(
+        default_factory=list,
+        description="Prior-skill probe sets: retention on these is the forgetting measure.",
+    )
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the working directory).")
     name: str | None = Field(None, description="Run folder name. Empty = the recipe file's name.")
@@ -239,6 +271,7 @@ class Recipe(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -275,6 +308,11 @@ def cross_field_problems(r: Recipe) -> list[str]:
             f"data.max_teacher_prompt_tokens ({r.data.max_teacher_prompt_tokens}) + generation.max_new_tokens "
             f"({r.generation.max_new_tokens}) exceeds model.max_seq_length ({r.model.max_seq_length}): lower one or raise model.max_seq_length"
         )
+    for where, scorer in [("eval.scorer", r.eval.scorer)] + [
+        (f"eval.probes[{i}].scorer", probe.scorer) for i, probe in enumerate(r.eval.probes) if probe.scorer
+    ]:
+        if scorer not in SCORERS and not re.fullmatch(r"[\w.]+:\w+", scorer):
+            p.append(f"{where}: '{scorer}' is not one of {', '.join(SCORERS)} or 'module:function'")
     if "none" in r.train.report_to and len(r.train.report_to) > 1:
         p.append("train.report_to: 'none' cannot be combined with trackers")
     return p
@@ -424,9 +462,22 @@ def resolve_paths(raw: dict, base_dir: Path) -> list[str]:
         if found is not None:
             section[attr] = str(found)
         elif _looks_like_path(value):
-            tried = {str((base_dir / value).resolve()), str((Path.cwd() / value).resolve())}
-            problems.append(f"{key}: file or folder not found: {value} (looked in {', '.join(sorted(tried))})")
+            problems.append(_not_found(key, value, base_dir))
+    probes = raw.get("eval", {}).get("probes") if isinstance(raw.get("eval"), dict) else None
+    for i, probe in enumerate(probes if isinstance(probes, list) else []):
+        value = probe.get("source") if isinstance(probe, dict) else None
+        if isinstance(value, str) and value:
+            found = _resolve(value, base_dir)
+            if found is not None:
+                probe["source"] = str(found)
+            elif _looks_like_path(value):
+                problems.append(_not_found(f"eval.probes[{i}].source", value, base_dir))
     return problems
+
+
+def _not_found(key: str, value: str, base_dir: Path) -> str:
+    tried = {str((base_dir / value).resolve()), str((Path.cwd() / value).resolve())}
+    return f"{key}: file or folder not found: {value} (looked in {', '.join(sorted(tried))})"
 
 
 # --------------------------------------------------------------------------- help text
@@ -440,6 +491,11 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[t
         ann = info.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe_fields(ann, key + "."))
+            continue
+        item = getattr(ann, "__args__", (None,))[0]
+        if isinstance(item, type) and issubclass(item, BaseModel):  # a list of sections, e.g. eval.probes
+            rows.append((key, "[]", info.description or ""))
+            rows.extend(describe_fields(item, key + "[]."))
             continue
         if info.is_required():
             default = "(required)"
