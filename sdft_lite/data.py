@@ -31,7 +31,7 @@ MAX_LISTED = 20  # bad rows shown in full in an error; the rest are counted
 EVAL_SEED = 0  # fixed, not train.seed: changing the training seed must not move rows between train and eval
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 # Column names often used for the same thing; used for a did-you-mean when difflib finds nothing close.
-_ALIASES = {
+COLUMN_ALIASES = {
     "data.prompt_column": ("prompt", "question", "instruction", "input", "query", "problem", "messages"),
     "data.demonstration_column": ("demonstration", "response", "output", "completion", "solution", "answer"),
     "data.answer_column": ("answer", "final_answer", "label", "target", "solution"),
@@ -222,7 +222,7 @@ def _read_hub(repo_id: str, split: str) -> list[dict]:
 # --------------------------------------------------------------------------- checking rows
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """Internal: a row cannot be used; the message is the reason."""
 
 
@@ -242,7 +242,7 @@ def check_columns(rows: list[dict], cfg: DataConfig, where: str) -> None:
         if name in columns:
             continue
         close = difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
-        close = close or [c for c in _ALIASES[key] if c in columns and c not in wanted.values()][:1]
+        close = close or [c for c in COLUMN_ALIASES[key] if c in columns and c not in wanted.values()][:1]
         hint = f"did you mean '{close[0]}'? " if close else ""
         problems.append(f"no column '{name}' ({key}): {hint}set {key} to the column that holds it")
     if problems:
@@ -254,43 +254,43 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _text(value: Any, column: str, required: bool) -> str | None:
+def parse_text(value: Any, column: str, required: bool) -> str | None:
     if _is_missing(value):
         if required:
-            raise _BadRow(f"column '{column}' is missing")
+            raise BadRow(f"column '{column}' is missing")
         return None
     if not isinstance(value, str | int | float):  # bools too: BoolQ-style answers are True/False
-        raise _BadRow(f"column '{column}' must be text, got {type(value).__name__}")
+        raise BadRow(f"column '{column}' must be text, got {type(value).__name__}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # an int column with gaps comes back as floats from pandas/parquet: 3.0 -> "3"
     text = str(value)
     if not text.strip():
         if required:
-            raise _BadRow(f"column '{column}' is empty")
+            raise BadRow(f"column '{column}' is empty")
         return None
     return text
 
 
 def _messages(value: list, column: str) -> list[dict[str, str]]:
     if not value:
-        raise _BadRow(f"column '{column}' is an empty list of messages")
+        raise BadRow(f"column '{column}' is an empty list of messages")
     out = []
     for i, m in enumerate(value, 1):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _BadRow(f"column '{column}': message {i} must be an object with 'role' and 'content'")
+            raise BadRow(f"column '{column}': message {i} must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise _BadRow(f"column '{column}': message {i} has role {m['role']!r}; use {'/'.join(ROLES)}")
+            raise BadRow(f"column '{column}': message {i} has role {m['role']!r}; use {'/'.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise _BadRow(
+            raise BadRow(
                 f"column '{column}': message {i} content must be text, not {type(m['content']).__name__}"
             )
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "user" or not out[-1]["content"].strip():
-        raise _BadRow(f"column '{column}': the last message must be the user's question (role 'user')")
+        raise BadRow(f"column '{column}': the last message must be the user's question (role 'user')")
     return out
 
 
-def _prompt(value: Any, column: str) -> str | list[dict[str, str]]:
+def parse_prompt(value: Any, column: str) -> str | list[dict[str, str]]:
     if isinstance(value, list):
         return _messages(value, column)
     if isinstance(value, str) and value.lstrip().startswith("["):
@@ -301,21 +301,21 @@ def _prompt(value: Any, column: str) -> str | list[dict[str, str]]:
         if isinstance(decoded, list) and decoded and all(isinstance(m, dict) for m in decoded):
             return _messages(decoded, column)
     if isinstance(value, str) or _is_missing(value):
-        return _text(value, column, required=True)
-    raise _BadRow(f"column '{column}' must be text or a list of chat messages, got {type(value).__name__}")
+        return parse_text(value, column, required=True)
+    raise BadRow(f"column '{column}' must be text or a list of chat messages, got {type(value).__name__}")
 
 
 def _convert(rows: list[dict], cfg: DataConfig) -> tuple[list[Example], list[tuple[int, str]]]:
     good, bad = [], []
     for row_no, rec in enumerate(rows, 1):
         try:
-            prompt = _prompt(rec.get(cfg.prompt_column), cfg.prompt_column)
-            demo = _text(rec.get(cfg.demonstration_column), cfg.demonstration_column, required=True)
+            prompt = parse_prompt(rec.get(cfg.prompt_column), cfg.prompt_column)
+            demo = parse_text(rec.get(cfg.demonstration_column), cfg.demonstration_column, required=True)
             answer = (
-                _text(rec.get(cfg.answer_column), cfg.answer_column, False) if cfg.answer_column else None
+                parse_text(rec.get(cfg.answer_column), cfg.answer_column, False) if cfg.answer_column else None
             )
             good.append(Example(row_no, prompt, demo, answer))
-        except _BadRow as e:
+        except BadRow as e:
             bad.append((row_no, str(e)))
     return good, bad
 

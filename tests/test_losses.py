@@ -1,0 +1,388 @@
+"""Tests for sdft_lite.losses: chunked == naive == TRL's loss functions, and flat memory in vocab size."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from sdft_lite.losses import (
+    LossSpec,
+    aggregate_loss,
+    chunked_distillation_loss,
+    naive_distillation_loss,
+    rows_per_chunk,
+)
+
+with warnings.catch_warnings():  # TRL flags experimental imports; here it is only a numerical oracle
+    warnings.simplefilter("ignore")
+    from trl.experimental.sdft import loss_utils as trl_loss
+
+N, H, V = 37, 16, 300
+# A budget small enough for several chunks of 7 to 17 rows (depending on the spec), the last one partial.
+TINY_BUDGET_MB = 0.08
+
+SPECS = {
+    "forward": LossSpec(divergence="forward"),
+    "reverse": LossSpec(divergence="reverse"),
+    "jsd_0.3": LossSpec(divergence="jsd", alpha=0.3),
+    "jsd_0.5": LossSpec(divergence="jsd", alpha=0.5),
+    "topk_student_tail": LossSpec(support="topk", topk=20, add_tail=True),
+    "topk_student_no_tail": LossSpec(support="topk", topk=20, add_tail=False),
+    "topk_teacher_tail": LossSpec(support="topk", topk=20, topk_source="teacher"),
+    "topk_teacher_jsd_no_tail": LossSpec(
+        divergence="jsd", support="topk", topk=20, topk_source="teacher", add_tail=False
+    ),
+    "topk_jsd_tail": LossSpec(divergence="jsd", alpha=0.5, support="topk", topk=20),  # SDPO's default
+    "sampled": LossSpec(divergence="reverse", support="sampled"),
+    "is_clip": LossSpec(divergence="forward", is_clip=2.0),
+    "is_clip_sampled": LossSpec(divergence="reverse", support="sampled", is_clip=2.0),
+}
+
+
+class CountingHead(nn.Module):
+    """A softcapped lm_head (Gemma-style, so not a bare Linear) that records the rows of each call."""
+
+    def __init__(self, hidden: int, vocab: int, cap: float = 30.0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            self.linear.weight.mul_(5.0)  # logits std ~3: peaked distributions, unlike near-uniform init
+        self.cap = cap
+        self.rows_seen: list[int] = []
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.rows_seen.append(h.shape[0])
+        return self.cap * torch.tanh(self.linear(h) / self.cap)
+
+
+def _inputs(seed: int = 0, n: int = N):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = CountingHead(H, V)
+    student_hidden = torch.randn(n, H, generator=g).requires_grad_()
+    teacher_hidden = student_hidden.detach() + 0.7 * torch.randn(n, H, generator=g)
+    target_ids = torch.randint(0, V, (n,), generator=g)
+    upstream = torch.rand(n, generator=g)  # random per-token weights: checks each token's gradient
+    return head, student_hidden, teacher_hidden, target_ids, upstream
+
+
+def _old_logprobs(head, student_hidden, target_ids, seed: int = 1):
+    """Rollout log-probs off by ~N(0, 0.7) in log space, so some ratios pass the cap of 2 and some do not."""
+    with torch.no_grad():
+        logp = torch.log_softmax(head(student_hidden).float(), -1).gather(-1, target_ids[:, None]).squeeze(-1)
+    return logp + 0.7 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_chunked_equals_naive(name):
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
+    rows = rows_per_chunk(V, spec)
+    assert 3 <= math.ceil(N / rows) and N % rows != 0  # several chunks, the last one partial
+    head, hs, ht, ids, upstream = _inputs()
+    old = _old_logprobs(head, hs, ids) if spec.is_clip else None
+
+    head.rows_seen.clear()
+    chunked = chunked_distillation_loss(hs, ht, head, head, ids, spec, old_logprobs=old)
+    # The heads really ran chunk by chunk: a 1-row probe for V, then each chunk once per side.
+    assert len(head.rows_seen) == 1 + 2 * math.ceil(N / rows)
+    assert max(head.rows_seen) <= rows and sum(head.rows_seen) == 1 + 2 * N
+    grads_chunked = torch.autograd.grad((chunked.per_token_loss * upstream).sum(), [hs, head.linear.weight])
+
+    naive = naive_distillation_loss(head(hs), head(ht), ids, spec, old_logprobs=old)
+    grads_naive = torch.autograd.grad((naive.per_token_loss * upstream).sum(), [hs, head.linear.weight])
+
+    assert chunked.per_token_loss.shape == (N,)
+    torch.testing.assert_close(chunked.per_token_loss, naive.per_token_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked.student_logprobs, naive.student_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.teacher_logprobs, naive.teacher_logprobs, atol=1e-5, rtol=1e-5)
+    assert not chunked.student_logprobs.requires_grad and not chunked.teacher_logprobs.requires_grad
+    for got, want in zip(grads_chunked, grads_naive, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_no_gradient_reaches_the_teacher():
+    head, hs, ht, ids, _ = _inputs()
+    ht.requires_grad_()
+    spec = LossSpec(chunk_budget_mb=TINY_BUDGET_MB)
+    out = chunked_distillation_loss(hs, ht, head, head, ids, spec)
+    g_student, g_teacher = torch.autograd.grad(out.per_token_loss.sum(), [hs, ht], allow_unused=True)
+    assert g_teacher is None and g_student.abs().max() > 0
+
+
+# --- naive == TRL's loss functions (the oracle), on [1, N, V] logits ------------------------------
+
+
+def _logits(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(N, V, generator=g)).requires_grad_()
+    teacher = student.detach() + 2 * torch.randn(N, V, generator=g)
+    return student, teacher, torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g)
+
+
+def _assert_matches_trl(spec, trl_fn, old=None):
+    """naive(spec) equals trl_fn(student_3d, teacher_3d) in values and in d/d student_logits."""
+    s, t, ids, upstream = _logits()
+    ours = naive_distillation_loss(s, t, ids, spec, old_logprobs=old(s, ids) if old else None).per_token_loss
+    ref = trl_fn(s.view(1, N, V), t.view(1, N, V), ids).reshape(N)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    (g_ours,) = torch.autograd.grad((ours * upstream).sum(), s)
+    (g_ref,) = torch.autograd.grad((ref * upstream).sum(), s)
+    assert g_ref.abs().max() > 0
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=1e-4)
+
+
+TRL_ALPHA = {
+    "forward": (LossSpec(divergence="forward"), 0.0),
+    "reverse": (LossSpec(divergence="reverse"), 1.0),
+}
+TRL_ALPHA |= {f"jsd_{a}": (LossSpec(divergence="jsd", alpha=a), a) for a in (0.3, 0.5, 0.0, 1.0)}
+
+
+@pytest.mark.parametrize("name", list(TRL_ALPHA))
+def test_full_vocab_matches_trl(name):
+    spec, alpha = TRL_ALPHA[name]
+    _assert_matches_trl(
+        spec,
+        lambda s, t, ids: trl_loss.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha),
+    )
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+@pytest.mark.parametrize("name", ["forward", "reverse", "jsd_0.3"])
+def test_student_topk_matches_trl(name, add_tail):
+    base, alpha = TRL_ALPHA[name]
+    spec = dataclasses.replace(base, support="topk", topk=20, add_tail=add_tail)
+    _assert_matches_trl(
+        spec,
+        lambda s, t, ids: trl_loss.compute_topk_self_distillation_loss(
+            s, t, distillation_topk=20, distillation_alpha=alpha, distillation_add_tail=add_tail
+        ),
+    )
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+@pytest.mark.parametrize("name", ["forward", "reverse", "jsd_0.3"])
+def test_teacher_topk_matches_trl_with_roles_swapped(name, add_tail):
+    # TRL takes top-k of its first argument. Passing (teacher, student) with alpha -> 1 - alpha gives
+    # the same divergence with the teacher's top-k as support: the generalized JSD is symmetric
+    # under swapping the two distributions together with alpha <-> 1 - alpha.
+    base, alpha = TRL_ALPHA[name]
+    spec = dataclasses.replace(base, support="topk", topk=20, add_tail=add_tail, topk_source="teacher")
+    _assert_matches_trl(
+        spec,
+        lambda s, t, ids: trl_loss.compute_topk_self_distillation_loss(
+            t, s, distillation_topk=20, distillation_alpha=1.0 - alpha, distillation_add_tail=add_tail
+        ),
+    )
+
+
+def test_sampled_token_matches_trl():
+    _assert_matches_trl(
+        LossSpec(divergence="reverse", support="sampled"),
+        lambda s, t, ids: trl_loss.compute_sampled_token_self_distillation_loss(
+            s, t, ids.view(1, N), distillation_alpha=1.0
+        ),
+    )
+
+
+def test_importance_clipping_matches_trl():
+    def old(s, ids):
+        logp = torch.log_softmax(s.detach().reshape(N, V), -1).gather(-1, ids[:, None]).squeeze(-1)
+        shifted = logp + 0.7 * torch.randn(N, generator=torch.Generator().manual_seed(3))
+        ratio = (logp - shifted).exp()
+        assert (ratio > 2).any() and (ratio < 2).any()  # the cap is active on some tokens only
+        return shifted
+
+    def trl_fn(s, t, ids):
+        loss = trl_loss.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=0.0)
+        logp = torch.log_softmax(s, -1).gather(-1, ids.view(1, N, 1)).squeeze(-1)
+        return trl_loss.apply_importance_sampling_clipping(loss, logp, old(s, ids).view(1, N), 2.0)
+
+    _assert_matches_trl(LossSpec(divergence="forward", is_clip=2.0), trl_fn, old=old)
+
+
+def test_topk_larger_than_vocab_without_tail_is_full_vocab():
+    s, t, ids, _ = _logits()
+    topk = naive_distillation_loss(s, t, ids, LossSpec(support="topk", topk=10 * V, add_tail=False))
+    full = naive_distillation_loss(s, t, ids, LossSpec(support="full"))
+    torch.testing.assert_close(topk.per_token_loss, full.per_token_loss, atol=1e-5, rtol=1e-4)
+
+
+# --- properties and errors ---------------------------------------------------------------------
+
+
+def test_forward_kl_is_zero_for_identical_teacher_and_positive_otherwise():
+    head, hs, ht, ids, _ = _inputs()
+    spec = LossSpec(chunk_budget_mb=TINY_BUDGET_MB)
+    same = chunked_distillation_loss(hs, hs.detach(), head, head, ids, spec).per_token_loss
+    assert same.abs().max() < 1e-5
+    different = chunked_distillation_loss(hs, ht, head, head, ids, spec).per_token_loss
+    assert (different > 1e-4).all()
+
+
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_sampled_support_needs_reverse_kl(divergence):
+    with pytest.raises(ValueError, match="sampled.*reverse"):
+        LossSpec(divergence=divergence, support="sampled")
+
+
+def test_spec_reports_all_problems_at_once():
+    with pytest.raises(ValueError, match="alpha.*topk.*is_clip"):
+        LossSpec(alpha=1.5, topk=0, is_clip=0.0)
+
+
+def test_is_clip_without_old_logprobs_raises():
+    head, hs, ht, ids, _ = _inputs()
+    spec = LossSpec(is_clip=2.0)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        chunked_distillation_loss(hs, ht, head, head, ids, spec)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        naive_distillation_loss(head(hs), head(ht), ids, spec)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"ht": torch.zeros(N - 1, H)}, "teacher"),
+        ({"ids": torch.zeros(N + 1, dtype=torch.long)}, "target_ids"),
+        ({"hs": torch.zeros(1, N, H)}, "2-D"),
+        ({"old": torch.zeros(N, 1)}, "old_logprobs"),
+    ],
+)
+def test_shape_mismatch_raises(bad, match):
+    head, hs, ht, ids, _ = _inputs()
+    args = {"hs": hs, "ht": ht, "ids": ids, "old": None} | bad
+    with pytest.raises(ValueError, match=match):
+        chunked_distillation_loss(args["hs"], args["ht"], head, head, args["ids"], LossSpec(), args["old"])
+
+
+def test_float_target_ids_raise():
+    head, hs, ht, ids, _ = _inputs()
+    with pytest.raises(TypeError, match="integer"):
+        chunked_distillation_loss(hs, ht, head, head, ids.float(), LossSpec())
+
+
+def test_empty_batch_gives_empty_outputs_and_a_zero_loss_that_backprops():
+    head, hs, ht, ids, _ = _inputs(n=0)
+    out = chunked_distillation_loss(hs, ht, head, head, ids, LossSpec())
+    assert out.per_token_loss.shape == out.student_logprobs.shape == out.teacher_logprobs.shape == (0,)
+    loss = aggregate_loss(out.per_token_loss, torch.zeros(0, dtype=torch.long), num_seqs=2)
+    assert loss.item() == 0.0
+    loss.backward()  # connected to the head, so DDP ranks with no tokens still reduce a (zero) grad
+    assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().max() == 0
+
+
+def test_aggregate_is_mean_per_sequence_then_mean_over_non_empty_sequences():
+    per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0], requires_grad=True)
+    seq_index = torch.tensor([0, 0, 0, 2, 2])  # sequence 1 has no tokens and is left out
+    loss = aggregate_loss(per_token, seq_index, num_seqs=3)
+    assert loss.item() == pytest.approx(((1 + 2 + 3) / 3 + (4 + 10) / 2) / 2)  # 4.5, not the token mean 4.0
+    loss.backward()
+    torch.testing.assert_close(per_token.grad, torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 4, 1 / 4]))
+
+
+def test_aggregate_rejects_out_of_range_sequence_ids():
+    with pytest.raises(ValueError, match="num_seqs"):
+        aggregate_loss(torch.ones(3), torch.tensor([0, 1, 2]), num_seqs=2)
+
+
+# --- memory: the loss's peak does not grow with the vocabulary ---------------------------------
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages allocated (and still alive) while the mode is active.
+
+    Counts every op output, forward and backward (the CPU autograd engine runs on this thread),
+    and frees a storage's bytes when its Python object dies. Tensors made before entering the
+    mode, such as the head weight, are not counted: this is the memory of the loss itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._finalizers: dict[int, weakref.finalize] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: not a new allocation.
+        inputs = {
+            id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                if id(storage) not in self._finalizers and id(storage) not in inputs:
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    self._finalizers[id(storage)] = weakref.finalize(
+                        storage, self._free, id(storage), storage.nbytes()
+                    )
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._finalizers.pop(key, None)
+
+
+def _peak_loss_bytes(vocab: int, tokens: int, spec: LossSpec, chunked: bool = True) -> int:
+    """Peak bytes the loss allocates in forward + backward on a frozen [vocab, 64] lm_head."""
+    g = torch.Generator().manual_seed(0)
+    head = nn.Linear(64, vocab, bias=False).requires_grad_(False)  # frozen, as an lm_head under LoRA
+    hs = torch.randn(tokens, 64, generator=g).requires_grad_()
+    ht = torch.randn(tokens, 64, generator=g)
+    ids = torch.randint(0, vocab, (tokens,), generator=g)
+    old = torch.randn(tokens, generator=g) - 10 if spec.is_clip else None
+    with LiveTensorBytes() as mem:
+        if chunked:
+            out = chunked_distillation_loss(hs, ht, head, head, ids, spec, old_logprobs=old)
+        else:
+            out = naive_distillation_loss(head(hs), head(ht), ids, spec, old_logprobs=old)
+        out.per_token_loss.mean().backward()
+    assert hs.grad is not None and hs.grad.abs().max() > 0
+    return mem.peak
+
+
+MIB = 2**20
+
+
+# One spec per distinct [rows, V] code path (is_clip only touches [N]-sized tensors).
+@pytest.mark.parametrize(
+    "name", ["forward", "reverse", "jsd_0.3", "topk_student_tail", "topk_teacher_jsd_no_tail", "sampled"]
+)
+def test_loss_peak_memory_fits_the_chunk_budget(name):
+    # rows_per_chunk's count of live [rows, V] tensors per spec is what makes the budget true.
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=4.0)
+    vocab = 20_000
+    rows = rows_per_chunk(vocab, spec)
+    peak = _peak_loss_bytes(vocab, 2 * rows + 3, spec)
+    assert rows * vocab * 4 <= peak  # the tracker does see the chunk's fp32 logits
+    assert peak <= spec.chunk_budget_mb * MIB + 0.25 * MIB  # slack for the O(N * H) tensors
+
+
+def test_loss_peak_memory_does_not_grow_with_vocab_or_tokens():
+    spec = LossSpec()  # the default: full-vocab forward KL, 64 MiB per chunk
+    small, large = 32_000, 151_936
+    assert rows_per_chunk(small, spec) < 256  # several chunks at both vocab sizes
+    chunked_small = _peak_loss_bytes(small, 256, spec)
+    chunked_large = _peak_loss_bytes(large, 256, spec)
+    chunked_long = _peak_loss_bytes(small, 1024, spec)
+    assert chunked_large <= 1.5 * chunked_small + 1 * MIB
+    assert chunked_long <= 1.5 * chunked_small + 1 * MIB
+    assert max(chunked_small, chunked_large, chunked_long) <= spec.chunk_budget_mb * MIB + 1 * MIB
+
+    # Control, so a blind tracker cannot pass: the full-tensor version grows with vocab
+    # (V ratio 4.7) and, at half the tokens, holds several times the chunked peak.
+    naive_small = _peak_loss_bytes(small, 128, spec, chunked=False)
+    naive_large = _peak_loss_bytes(large, 128, spec, chunked=False)
+    assert naive_large >= 4 * naive_small
+    assert naive_large >= 3 * chunked_large
