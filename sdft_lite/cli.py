@@ -52,6 +52,57 @@ def cmd_train(args) -> int:
     run = train(recipe, args.recipe)
     state = run.read_status().get("state")
     print(f"{state}: adapter saved to {run.adapter}", file=sys.stderr)
+    _print_before_after(run)
+    return 0
+
+
+def _print_before_after(run) -> None:
+    from .assess import read_eval
+    from .evaluate import format_table
+
+    ev = read_eval(run)
+    rows = {label: {k: v for k, v in ev[label].items() if isinstance(v, dict)} for label in ("before", "after")
+            if label in ev}
+    if rows:
+        print(f"\naccuracy on the eval sets (greedy, {run.eval_file}):")
+        print(format_table(rows))
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .assess import standalone_eval
+    from .evaluate import format_table
+
+    recipe = _load(args)
+    label, results = standalone_eval(recipe, args.target, args.runs_dir)
+    print(format_table({label: results}))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({label: results}, f, indent=2)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .assess import teacher_check
+
+    recipe = _load(args)
+    res = teacher_check(recipe, args.limit)
+    print(f"on {res['n']} training rows (scorer {recipe.eval.scorer}, greedy):")
+    print(f"  student (plain prompt):              {100 * res['student']:.1f}%")
+    print(f"  teacher (prompt + demonstration):    {100 * res['teacher']:.1f}%")
+    print(res["verdict"])
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .assess import compare_table, resolve_run
+
+    runs = [resolve_run(name, args.runs_dir) for name in args.runs]
+    missing = [r.path for r in runs if not r.status_file.exists()]
+    if missing:
+        return _err(f"not a run folder (no status.json): {', '.join(map(str, missing))}")
+    print(compare_table(runs))
     return 0
 
 
@@ -121,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(sp)
     sp.add_argument("--print", action="store_true", help="print the resolved recipe with all defaults")
     sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("eval", help="evaluate a run's adapter (or a model) on a recipe's eval sets and probes")
+    sp.add_argument("target", help="run name or folder (uses its adapter), or a model name/folder")
+    recipe_args(sp)
+    sp.add_argument("--runs-dir", default="runs")
+    sp.add_argument("--json", help="also write the results to this JSON file")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("check", help="before training: does the demonstration in context help this model?")
+    recipe_args(sp)
+    sp.add_argument("--limit", type=int, default=64, help="training rows to check")
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("compare", help="table of runs: new-task accuracy, retention per probe, time, memory")
+    sp.add_argument("runs", nargs="+", help="run names (under --runs-dir) or folders")
+    sp.add_argument("--runs-dir", default="runs")
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("keys", help="list every recipe key with its default and help")
     sp.add_argument("section", nargs="?", help="only keys starting with this, e.g. loss")

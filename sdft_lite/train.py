@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def _detach_log_file(handler: logging.Handler) -> None:
 
 def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
     """Train per the recipe; returns the finished run folder. Raises on failure (status.json says why)."""
+    import time
+
     run = run_folder_for(recipe, recipe_path)
     run.prepare(recipe.output.if_exists)
     ckpt = run.last_checkpoint() if recipe.output.if_exists == "resume" else None
@@ -44,7 +47,9 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
         _truncate_metrics(run, int(ckpt.name.split("-")[-1]))
     recipe_yaml = dump_recipe(recipe)
     atomic_write_text(run.recipe, recipe_yaml)
-    run.write_status(state="running", step=0, total_steps=None, error=None, hint=None, stage="loading data")
+    start = time.time()
+    run.write_status(state="running", pid=os.getpid(), step=0, total_steps=None, error=None, hint=None,
+                     stage="loading data", wall_seconds=None)
     handler = _attach_log_file(run)
     try:
         trainer = build_trainer(recipe, run, recipe_yaml)
@@ -54,19 +59,27 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
                 import torch
 
                 trainer.teacher.load_state_dict(torch.load(ckpt / "ema_shadow.pt", map_location="cpu"))
+        elif recipe.eval.before and trainer.evaluator.sets:
+            run.write_status(stage="evaluating before training")
+            trainer.evaluator("before", 0, base=True)
+        run.write_status(stage="training")
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         save_adapter(trainer.model, trainer.processing_class, run)
+        if recipe.eval.after and trainer.evaluator.sets:
+            run.write_status(stage="evaluating after training")
+            trainer.evaluator("after", trainer.state.global_step)
         stopped = run.stop_requested()
-        run.write_status(state="stopped" if stopped else "completed", step=trainer.state.global_step, stage=None)
+        run.write_status(state="stopped" if stopped else "completed", step=trainer.state.global_step, stage=None,
+                         wall_seconds=round(time.time() - start, 1))
         log.info("run %s %s at step %d", run.name, "stopped" if stopped else "completed", trainer.state.global_step)
         return run
     except BaseException as e:
-        from .errors import describe_failure
+        from .errors import describe_failure, is_user_error
 
         error, hint = describe_failure(e)
         state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
-        run.write_status(state=state, error=error, hint=hint, stage=None)
-        log.error("run failed: %s", error, exc_info=not hint)
+        run.write_status(state=state, error=error, hint=hint, stage=None, wall_seconds=round(time.time() - start, 1))
+        log.error("run %s: %s", state, error, exc_info=not is_user_error(e))
         raise
     finally:
         _detach_log_file(handler)
@@ -88,13 +101,16 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     import torch
     from transformers import TrainingArguments
 
+    from .assess import EvalCallback, Evaluator
     from .data import handle_bad_rows, load_data
+    from .evaluate import eval_sets_from_recipe
     from .models import load_frozen, load_student
     from .prompts import PromptEncoder
     from .teacher import Teacher
     from .trainer import RunCallback, SDFTTrainer
 
     data = load_data(recipe.data)
+    eval_sets = eval_sets_from_recipe(recipe, data.eval)  # checks probe files before the model loads
     run.write_status(stage="loading model")
     loaded = load_student(recipe.model, recipe.train.gradient_checkpointing, recipe.train.seed)
     encoder = PromptEncoder(loaded.tokenizer, recipe.data)
@@ -140,7 +156,12 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    return SDFTTrainer(
+    evaluator = Evaluator(loaded.model, loaded.tokenizer, encoder, eval_sets, loaded.eos_ids, loaded.pad_id,
+                          recipe.eval, run)
+    callbacks = [RunCallback(run, teacher, recipe_yaml or dump_recipe(recipe))]
+    if t.eval_steps and eval_sets:
+        callbacks.append(EvalCallback(evaluator, t.eval_steps))
+    trainer = SDFTTrainer(
         model=loaded.model,
         args=args,
         train_dataset=encoded,
@@ -150,8 +171,10 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
         eos_ids=loaded.eos_ids,
         pad_id=loaded.pad_id,
         tokenizer=loaded.tokenizer,
-        callbacks=[RunCallback(run, teacher, recipe_yaml or dump_recipe(recipe))],
+        callbacks=callbacks,
     )
+    trainer.evaluator = evaluator
+    return trainer
 
 
 def save_adapter(model, tokenizer, run: RunFolder) -> None:
