@@ -234,6 +234,7 @@ def chunked_distillation_loss(
     target_ids: Tensor,
     spec: LossSpec,
     old_logprobs: Tensor | None = None,
+    frozen_head: bool = False,
 ) -> LossOutput:
     """Per-token distillation loss from hidden states, never materialising [N, V] logits.
 
@@ -247,6 +248,10 @@ def chunked_distillation_loss(
         target_ids: [N] the sampled completion token at each position.
         spec: what to compute.
         old_logprobs: [N] rollout-time log-probs of ``target_ids``; required when ``spec.is_clip`` is set.
+        frozen_head: the student head has no trainable parameters (the LoRA case). Then each
+            chunk's gradient w.r.t. its hidden states is computed right away in forward (rows are
+            independent, so d loss_i / d h_i is exact) and backward only scales it: the logits
+            are never recomputed, saving two of the five head matmuls per chunk.
 
     Returns:
         LossOutput with [N] float32 tensors. For N == 0 they are empty, and ``per_token_loss``
@@ -273,6 +278,10 @@ def chunked_distillation_loss(
         # Logits go in as temporaries (no local names) so _token_losses can free them early.
         return _token_losses(student_head(s_h).float(), teacher_logits(t_h), tgt, spec)
 
+    if frozen_head and torch.is_grad_enabled() and student_hidden.requires_grad:
+        return _fused_loss(student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec,
+                           old_logprobs, rows)
+
     losses, logps_s, logps_t = [], [], []
     # split (not slicing in a loop): one SplitBackward gathers the chunk grads into a single
     # [N, H] tensor instead of one zero-padded [N, H] gradient per chunk.
@@ -287,6 +296,38 @@ def chunked_distillation_loss(
         logps_s.append(logp_s)
         logps_t.append(logp_t)
     loss, logp_s, logp_t = torch.cat(losses), torch.cat(logps_s), torch.cat(logps_t)
+    return LossOutput(_importance_weight(loss, logp_s, old_logprobs, spec), logp_s, logp_t)
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """Returns `values`; backward hands `grad_out[:, None] * row_grads` to `hidden`."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, values: Tensor, row_grads: Tensor) -> Tensor:
+        ctx.save_for_backward(row_grads)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (row_grads,) = ctx.saved_tensors
+        return (grad_out.unsqueeze(-1) * row_grads).to(row_grads.dtype), None, None
+
+
+def _fused_loss(student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec, old_logprobs,
+                rows) -> LossOutput:
+    losses, grads, logps_s, logps_t = [], [], [], []
+    for s_h, t_h, tgt in zip(
+        student_hidden.split(rows), teacher_hidden.split(rows), target_ids.split(rows), strict=True
+    ):
+        h = s_h.detach().requires_grad_(True)
+        loss, logp_s, logp_t = _token_losses(student_head(h).float(), teacher_logits(t_h), tgt, spec)
+        (g,) = torch.autograd.grad(loss.sum(), h)
+        losses.append(loss.detach())
+        grads.append(g)
+        logps_s.append(logp_s)
+        logps_t.append(logp_t)
+    loss = _PrecomputedGrad.apply(student_hidden, torch.cat(losses), torch.cat(grads))
+    logp_s, logp_t = torch.cat(logps_s), torch.cat(logps_t)
     return LossOutput(_importance_weight(loss, logp_s, old_logprobs, spec), logp_s, logp_t)
 
 

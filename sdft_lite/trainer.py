@@ -108,6 +108,7 @@ class SDFTTrainer(Trainer):
         out = chunked_distillation_loss(
             student_h, teacher_h, output_head(model), self.teacher.head(), targets, self.spec,
             old_logprobs=roll.logprobs[keep] if roll.logprobs is not None else None,
+            frozen_head=not any(p.requires_grad for p in model.get_output_embeddings().parameters()),
         )
         rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
         loss = aggregate_loss(out.per_token_loss, rows, keep.shape[0])

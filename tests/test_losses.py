@@ -109,6 +109,29 @@ def test_chunked_equals_naive(name):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_frozen_head_fused_path_equals_naive(name):
+    """frozen_head=True: grads computed in forward (no recompute) equal the naive autograd ones."""
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
+    rows = rows_per_chunk(V, spec)
+    head, hs, ht, ids, upstream = _inputs(seed=3)
+    head.requires_grad_(False)
+    old = _old_logprobs(head, hs, ids) if spec.is_clip else None
+
+    head.rows_seen.clear()
+    fused = chunked_distillation_loss(hs, ht, head, head, ids, spec, old_logprobs=old, frozen_head=True)
+    (grad_fused,) = torch.autograd.grad((fused.per_token_loss * upstream).sum(), [hs])
+    # Each chunk's logits were computed once per side and never again in backward.
+    assert len(head.rows_seen) == 1 + 2 * math.ceil(N / rows)
+
+    naive = naive_distillation_loss(head(hs), head(ht), ids, spec, old_logprobs=old)
+    (grad_naive,) = torch.autograd.grad((naive.per_token_loss * upstream).sum(), [hs])
+    torch.testing.assert_close(fused.per_token_loss, naive.per_token_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused.student_logprobs, naive.student_logprobs, atol=1e-5, rtol=1e-5)
+    assert grad_naive.abs().max() > 0
+    torch.testing.assert_close(grad_fused, grad_naive, atol=1e-5, rtol=1e-4)
+
+
 def test_no_gradient_reaches_the_teacher():
     head, hs, ht, ids, _ = _inputs()
     ht.requires_grad_()
