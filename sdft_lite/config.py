@@ -191,6 +191,10 @@ class GenerationConfig(Section):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature. Paper: 1.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold (1 = off).")
     top_k: int = Field(0, ge=0, description="Sample only from the k most likely tokens (0 = off).")
+    engine: Literal["sdft", "generate"] = Field(
+        "sdft",
+        description="'sdft' = built-in sampling loop (KV cache, exact inverse-CDF sampling, one prefill per prompt shared by its samples); 'generate' = transformers' model.generate.",
+    )
 
 
 class TrainConfig(Section):

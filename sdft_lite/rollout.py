@@ -74,38 +74,54 @@ def generate_rollouts(
     pad_id: int,
     record_logprobs: bool = False,
     greedy: bool = False,
+    num_samples: int = 1,
 ) -> Rollout:
-    """Sample one completion per row of the left-padded prompts (repeat rows for several samples)."""
-    from transformers import LogitsProcessorList
-
+    """Sample `num_samples` completions per row of the left-padded prompts (rows grouped per prompt)."""
     was_training = model.training
     model.eval()  # dropout off; KV cache on
-    recorder = _SampledLogprobs() if record_logprobs else None
     try:
-        sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
-        out = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=not greedy,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-            use_cache=True,
-            logits_processor=LogitsProcessorList([recorder]) if recorder else None,
-            **sampling,
-        )
+        if cfg.engine == "sdft":
+            from .sampling import sample_completions
+
+            completion, logprobs = sample_completions(
+                model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                num_samples=num_samples, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
+            )
+        else:
+            completion, logprobs = _hf_generate(model, prompt_ids.repeat_interleave(num_samples, 0),
+                                                prompt_mask.repeat_interleave(num_samples, 0), cfg, eos_ids, pad_id,
+                                                record_logprobs, greedy)
     finally:
         model.train(was_training)
-    completion = out[:, prompt_ids.shape[1]:]
     if completion.shape[1] == 0:  # nothing generated at all (degenerate max_new_tokens)
-        completion = torch.full((prompt_ids.shape[0], 1), pad_id, dtype=torch.long, device=prompt_ids.device)
+        completion = torch.full((completion.shape[0], 1), pad_id, dtype=torch.long, device=prompt_ids.device)
+        logprobs = torch.zeros(completion.shape, device=prompt_ids.device) if logprobs is not None else None
     lengths, clipped = completion_lengths(completion, eos_ids)
     mask = mask_from_lengths(lengths, completion.shape[1])
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))
-    logprobs = recorder.finish(completion[:, -1]) if recorder else None
-    if logprobs is not None:
-        logprobs = logprobs[:, : completion.shape[1]]
-    return Rollout(completion, mask, lengths, clipped, logprobs)
+    return Rollout(completion, mask, lengths, clipped, logprobs if record_logprobs else None)
+
+
+def _hf_generate(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy):
+    """transformers' `generate` (used by backends with their own fast generate, e.g. Unsloth)."""
+    from transformers import LogitsProcessorList
+
+    recorder = _SampledLogprobs() if record_logprobs else None
+    sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=not greedy,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+        logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+        **sampling,
+    )
+    completion = out[:, prompt_ids.shape[1]:]
+    logprobs = recorder.finish(completion[:, -1])[:, : completion.shape[1]] if recorder and completion.shape[1] else None
+    return completion, logprobs
 
 
 def concat_prompt_completion(

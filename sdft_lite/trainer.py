@@ -86,12 +86,12 @@ class SDFTTrainer(Trainer):
 
     def _sdft_loss(self, model, inputs) -> torch.Tensor:
         g = self.recipe.generation.num_generations
+        start = time.perf_counter()
+        roll = generate_rollouts(model, inputs["student_ids"], inputs["student_mask"], self.recipe.generation,
+                                 self.eos_ids, self.pad_id, record_logprobs=self.spec.is_clip is not None,
+                                 num_samples=g)
         s_ids, s_mask = inputs["student_ids"].repeat_interleave(g, 0), inputs["student_mask"].repeat_interleave(g, 0)
         t_ids, t_mask = inputs["teacher_ids"].repeat_interleave(g, 0), inputs["teacher_mask"].repeat_interleave(g, 0)
-
-        start = time.perf_counter()
-        roll = generate_rollouts(model, s_ids, s_mask, self.recipe.generation, self.eos_ids, self.pad_id,
-                                 record_logprobs=self.spec.is_clip is not None)
         gen_seconds = time.perf_counter() - start
         T = roll.completion_ids.shape[1]
         keep = loss_mask(roll.completion_mask, self.recipe.loss.skip_first_tokens)
