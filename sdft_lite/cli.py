@@ -47,6 +47,13 @@ def cmd_train(args) -> int:
     from .train import run_folder_for, train
 
     recipe = _load(args)
+    from .backends import select_backend
+
+    select_backend(recipe.model)  # BackendError (a user error) before the run folder is touched
+    if not args.force:
+        refusal = _memory_refusal(recipe)
+        if refusal:
+            return _err(refusal)
     run = run_folder_for(recipe, args.recipe)
     print(f"run folder: {run.path}", file=sys.stderr)
     run = train(recipe, args.recipe)
@@ -103,6 +110,53 @@ def cmd_compare(args) -> int:
     if missing:
         return _err(f"not a run folder (no status.json): {', '.join(map(str, missing))}")
     print(compare_table(runs))
+    return 0
+
+
+def _memory_refusal(recipe) -> str | None:
+    """Why the run cannot fit the visible GPU (checked before any weight is loaded), or None."""
+    from .plan import PlanError, check_fits_visible_gpu, plan_recipe
+
+    try:
+        return check_fits_visible_gpu(plan_recipe(recipe))
+    except PlanError as e:  # no config.json to plan from: train anyway, loading will tell
+        print(f"warning: no memory plan: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_plan(args) -> int:
+    from .plan import format_plan, plan_recipe
+
+    print(format_plan(plan_recipe(_load(args), device=args.device)))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import format_doctor, run_doctor
+
+    rows = run_doctor()
+    print(format_doctor(rows))
+    return 1 if any(status.startswith("missing") for _, _, status in rows) else 0
+
+
+def cmd_export(args) -> int:
+    """Merge a run's adapter into its base model: 16-bit folder or GGUF, with Unsloth's exporter."""
+    import yaml
+
+    from .backends import activate_backend
+    from .config import ModelConfig
+    from .runs import RunFolder
+
+    run = RunFolder(args.run if os.path.sep in args.run or os.path.isdir(args.run) else os.path.join(args.runs_dir, args.run))
+    if not (run.adapter / "adapter_config.json").is_file():
+        return _err(f"no adapter in {run.path}: train the run first")
+    model = ModelConfig.model_validate({**yaml.safe_load(run.recipe.read_text(encoding="utf-8"))["model"],
+                                        "backend": "unsloth"})
+    activate_backend(model)  # BackendError (user error) without CUDA or unsloth
+    from .unsloth_backend import export_adapter
+
+    out = export_adapter(run.adapter, args.out or run.path / f"export-{args.kind}", model, args.kind, args.quantization)
+    print(f"exported {args.kind} to {out}", file=sys.stderr)
     return 0
 
 
@@ -166,7 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     sp.add_argument("--name", help="run name (same as output.name=...)")
+    sp.add_argument("--force", action="store_true",
+                    help="start even when the memory plan says the run does not fit the visible GPU")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("plan", help="estimate a recipe's peak GPU memory and whether it fits 8/12/16/24 GB")
+    recipe_args(sp)
+    sp.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="plan for a GPU (default, on any machine) or for CPU training")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("doctor", help="check Python, torch/CUDA/GPU, packages, bitsandbytes 4-bit and the backend")
+    sp.set_defaults(func=cmd_doctor)
+
+    sp = sub.add_parser("export", help="merge a run's adapter into the base model: 16-bit or GGUF (needs unsloth)")
+    sp.add_argument("run", help="run name (under --runs-dir) or run folder path")
+    sp.add_argument("--runs-dir", default="runs")
+    sp.add_argument("--kind", choices=("merged_16bit", "gguf"), default="merged_16bit")
+    sp.add_argument("--quantization", default="q4_k_m", help="GGUF quantization (llama.cpp names): q4_k_m, q8_0, f16...")
+    sp.add_argument("--out", help="output folder (default: <run>/export-<kind>)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("validate", help="check a recipe and report every problem at once")
     recipe_args(sp)

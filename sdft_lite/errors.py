@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 USER_ERRORS = ("RecipeError", "DataError", "PromptError", "ModelLoadError", "RunExistsError", "TrainError",
-               "BackendError")
+               "BackendError", "PlanError")
 
 
 def is_user_error(e: BaseException) -> bool:

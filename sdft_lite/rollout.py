@@ -77,10 +77,27 @@ def generate_rollouts(
     num_samples: int = 1,
 ) -> Rollout:
     """Sample `num_samples` completions per row of the left-padded prompts (rows grouped per prompt)."""
+    from .backends import backend_of, rollout_context
+
+    # Unsloth: its fast-inference mode for the call (training mode and checkpointing restored
+    # after) and its own fast generate; its decode path keeps its own KV cache format.
+    with rollout_context(model):
+        completion, logprobs = _sample(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy,
+                                       num_samples, engine="generate" if backend_of(model) == "unsloth" else cfg.engine)
+    if completion.shape[1] == 0:  # nothing generated at all (degenerate max_new_tokens)
+        completion = torch.full((completion.shape[0], 1), pad_id, dtype=torch.long, device=prompt_ids.device)
+        logprobs = torch.zeros(completion.shape, device=prompt_ids.device) if logprobs is not None else None
+    lengths, clipped = completion_lengths(completion, eos_ids)
+    mask = mask_from_lengths(lengths, completion.shape[1])
+    completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))
+    return Rollout(completion, mask, lengths, clipped, logprobs if record_logprobs else None)
+
+
+def _sample(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy, num_samples, engine):
     was_training = model.training
     model.eval()  # dropout off; KV cache on
     try:
-        if cfg.engine == "sdft":
+        if engine == "sdft":
             from .sampling import sample_completions
 
             completion, logprobs = sample_completions(
@@ -93,13 +110,7 @@ def generate_rollouts(
                                                 record_logprobs, greedy)
     finally:
         model.train(was_training)
-    if completion.shape[1] == 0:  # nothing generated at all (degenerate max_new_tokens)
-        completion = torch.full((completion.shape[0], 1), pad_id, dtype=torch.long, device=prompt_ids.device)
-        logprobs = torch.zeros(completion.shape, device=prompt_ids.device) if logprobs is not None else None
-    lengths, clipped = completion_lengths(completion, eos_ids)
-    mask = mask_from_lengths(lengths, completion.shape[1])
-    completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))
-    return Rollout(completion, mask, lengths, clipped, logprobs if record_logprobs else None)
+    return completion, logprobs
 
 
 def _hf_generate(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy):

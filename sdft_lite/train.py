@@ -98,13 +98,17 @@ def _truncate_metrics(run: RunFolder, step: int) -> None:
 
 def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None):
     """Data -> model -> prompts -> teacher -> SDFTTrainer, ready for .train()."""
+    from .backends import activate_backend, load_student_for
+
+    # First: with backend unsloth this imports Unsloth, which must precede transformers/peft/trl.
+    backend = activate_backend(recipe.model)
     import torch
     from transformers import TrainingArguments
 
     from .assess import EvalCallback, Evaluator
     from .data import handle_bad_rows, load_data
     from .evaluate import eval_sets_from_recipe
-    from .models import load_frozen, load_student
+    from .models import load_frozen
     from .prompts import PromptEncoder
     from .teacher import Teacher
     from .trainer import RunCallback, SDFTTrainer
@@ -112,7 +116,7 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     data = load_data(recipe.data)
     eval_sets = eval_sets_from_recipe(recipe, data.eval)  # checks probe files before the model loads
     run.write_status(stage="loading model")
-    loaded = load_student(recipe.model, recipe.train.gradient_checkpointing, recipe.train.seed)
+    loaded = load_student_for(recipe.model, recipe.train.gradient_checkpointing, recipe.train.seed, backend)
     encoder = PromptEncoder(loaded.tokenizer, recipe.data)
     encoded, bad = encoder.encode(data.train)
     # Prompt length needs the tokenizer, so it is checked here with the same bad-row policy.

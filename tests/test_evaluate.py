@@ -386,13 +386,15 @@ def test_generate_answers_with_demonstrations_feeds_the_teacher_prompt(lm, monke
     model, tok, encoder, ids = lm
     demos = [w[::-1] for w in WORDS[:4]]
     fed = []
-    original = model.generate
+    import sdft_lite.evaluate as evaluate_mod
 
-    def spy(*args, **kwargs):
-        fed.extend(zip(kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist(), strict=True))
-        return original(*args, **kwargs)
+    original = evaluate_mod.generate_rollouts
 
-    monkeypatch.setattr(model, "generate", spy)
+    def spy(model, ids, mask, *args, **kwargs):  # the real rollout, recording what it is fed
+        fed.extend(zip(ids.tolist(), mask.tolist(), strict=True))
+        return original(model, ids, mask, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "generate_rollouts", spy)
     teacher = gen(lm, PROMPTS[:4], demonstrations=demos)
     student = gen(lm, PROMPTS[:4])
     unpadded = [[t for t, m in zip(row, mask, strict=True) if m] for row, mask in fed]
