@@ -8,9 +8,6 @@ import json
 import logging
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from .evaluate import evaluate
 from .runs import RunFolder, append_jsonl, atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -28,6 +25,8 @@ class Evaluator:
         if not self.sets:
             return {}
         ctx = self.model.disable_adapter() if base and hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        from .evaluate import evaluate
+
         with ctx:
             results = evaluate(self.model, self.tokenizer, self.encoder, self.sets, eos_ids=self.eos_ids,
                                pad_id=self.pad_id, cfg=self.cfg)
@@ -53,17 +52,6 @@ def read_eval(run: RunFolder) -> dict:
         return json.loads(run.eval_file.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-
-
-class EvalCallback(TrainerCallback):
-    """Evaluates every `train.eval_steps` optimizer steps."""
-
-    def __init__(self, evaluator: Evaluator, every: int):
-        self.evaluator, self.every = evaluator, every
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            self.evaluator("step", state.global_step)
 
 
 def accuracies(results: dict) -> dict[str, float]:

@@ -202,6 +202,12 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from app.__main__ import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sdft-lite",
@@ -276,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("runs", help="list runs and their state")
     sp.add_argument("--runs-dir", default="runs")
     sp.set_defaults(func=cmd_runs)
+
+    from app.__main__ import add_arguments  # argparse only: gradio is imported when the app starts
+
+    sp = sub.add_parser("ui", help="open the app: launch, watch, stop, resume, compare and try runs in a browser")
+    add_arguments(sp)
+    sp.set_defaults(func=cmd_ui)
     return p
 
 

@@ -28,6 +28,20 @@ STATES = ("queued", "running", "completed", "failed", "stopped")
 FINAL_STATES = ("completed", "failed", "stopped")
 
 
+_IMPORTED_AT = time.time()
+
+
+def _process_start_time() -> float:
+    """Wall-clock start of this process (Linux: boot time + start ticks; elsewhere: import time)."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return _IMPORTED_AT
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -108,7 +122,10 @@ class RunFolder:
                 shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
-        self.stop_file.unlink(missing_ok=True)
+        # A stop left over from an earlier process is cleared; one requested after this process
+        # started (e.g. by the app while we were still importing) is kept and honoured.
+        if self.stop_file.exists() and self.stop_file.stat().st_mtime < _process_start_time():
+            self.stop_file.unlink(missing_ok=True)
 
     def last_checkpoint(self) -> Path | None:
         cks = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]

@@ -105,13 +105,13 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     import torch
     from transformers import TrainingArguments
 
-    from .assess import EvalCallback, Evaluator
+    from .assess import Evaluator
     from .data import handle_bad_rows, load_data
     from .evaluate import eval_sets_from_recipe
     from .models import load_frozen
     from .prompts import PromptEncoder
     from .teacher import Teacher
-    from .trainer import RunCallback, SDFTTrainer
+    from .trainer import EvalCallback, RunCallback, SDFTTrainer
 
     data = load_data(recipe.data)
     eval_sets = eval_sets_from_recipe(recipe, data.eval)  # checks probe files before the model loads

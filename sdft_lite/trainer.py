@@ -250,3 +250,14 @@ class RunCallback(TrainerCallback):
             (ckpt / "recipe.yaml").write_text(self.recipe_yaml, encoding="utf-8")
             if self.teacher is not None and self.teacher.shadow:
                 torch.save(self.teacher.state_dict(), ckpt / "ema_shadow.pt")
+
+
+class EvalCallback(TrainerCallback):
+    """Evaluates every `train.eval_steps` optimizer steps."""
+
+    def __init__(self, evaluator: Evaluator, every: int):
+        self.evaluator, self.every = evaluator, every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.evaluator("step", state.global_step)
