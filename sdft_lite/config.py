@@ -179,7 +179,7 @@ class LossConfig(Section):
         description="Importance-sampling cap: weight each token by min(p_train / p_rollout, is_clip). Empty = off (on-policy).",
     )
     chunk_budget_mb: float = Field(
-        64.0,
+        128.0,
         gt=0.0,
         description="Memory for one chunk of output-head logits. The loss never materialises [tokens, vocab] for the whole batch.",
     )

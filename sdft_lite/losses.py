@@ -50,7 +50,7 @@ class LossSpec:
     topk_source: Literal["student", "teacher"] = "student"  # whose top-k ids define the support
     add_tail: bool = True  # topk: one extra bucket for the remaining mass; False renormalises
     is_clip: float | None = None  # cap on the detached importance ratio p_now / p_rollout (SDPO: 2)
-    chunk_budget_mb: float = 64.0  # MiB per chunk of rows; keeps loss memory flat in vocab size
+    chunk_budget_mb: float = 128.0  # MiB per chunk of rows; keeps loss memory flat in vocab size
 
     def __post_init__(self) -> None:
         problems = []

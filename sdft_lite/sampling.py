@@ -33,14 +33,26 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row by inverse CDF. Returns (token ids [B], log-probs of those tokens [B])."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    cdf = logp.exp().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
-    # A token with zero probability can only be hit through rounding at the very end: step back.
-    tokens = torch.where(logp.gather(-1, tokens) == float("-inf"), logp.argmax(-1, keepdim=True), tokens)
-    return tokens.squeeze(-1), logp.gather(-1, tokens).squeeze(-1)
+    """One token per row by inverse CDF. Returns (token ids [B], log-probs of those tokens [B]).
+
+    One exp pass and one cumulative sum over the vocabulary; the log-prob is taken only for the
+    sampled token (no full log_softmax).
+    """
+    logits = logits.float()
+    shifted = logits - logits.max(-1, keepdim=True).values
+    cdf = shifted.exp().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * total
+    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    picked = shifted.gather(-1, tokens)
+    # searchsorted(right=True) never lands on a zero-probability token unless rounding put u at
+    # the very end of the CDF; then take the last token that has probability.
+    bad = picked == float("-inf")
+    if bad.any():
+        last = (shifted > float("-inf")).long().cumsum(-1).argmax(-1, keepdim=True)
+        tokens = torch.where(bad, last, tokens)
+        picked = shifted.gather(-1, tokens)
+    return tokens.squeeze(-1), (picked - total.log()).squeeze(-1)
 
 
 @torch.no_grad()

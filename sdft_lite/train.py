@@ -96,6 +96,26 @@ def _truncate_metrics(run: RunFolder, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 
+def return_freed_memory_to_os() -> None:
+    """CPU training: serve large allocations with mmap so freed tensors leave the process.
+
+    glibc keeps freed heap blocks for reuse; the loss allocates and frees [rows, vocab] chunks
+    tens of MiB each, so without this the resident size grows to many times what is live
+    (measured: 2.2 GB resident for 65 MiB live at vocab 152k x 1k tokens).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None):
     """Data -> model -> prompts -> teacher -> SDFTTrainer, ready for .train()."""
     from .backends import activate_backend, load_student_for
@@ -117,6 +137,8 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     eval_sets = eval_sets_from_recipe(recipe, data.eval)  # checks probe files before the model loads
     run.write_status(stage="loading model")
     loaded = load_student_for(recipe.model, recipe.train.gradient_checkpointing, recipe.train.seed, backend)
+    if loaded.device.type == "cpu":
+        return_freed_memory_to_os()
     encoder = PromptEncoder(loaded.tokenizer, recipe.data)
     encoded, bad = encoder.encode(data.train)
     # Prompt length needs the tokenizer, so it is checked here with the same bad-row policy.
