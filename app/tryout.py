@@ -76,7 +76,15 @@ def generate_pair(run: RunFolder, prompt: str, max_new_tokens: int) -> tuple[str
         with model.disable_adapter():
             base = generate_answers(model, tok, encoder, [prompt], **kw)[0]
         tuned = generate_answers(model, tok, encoder, [prompt], **kw)[0]
-    return base, tuned
+    return _shown(base), _shown(tuned)
+
+
+EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"
+
+
+def _shown(answer: str) -> str:
+    # An empty textbox reads as "nothing happened"; say that the model answered with nothing.
+    return answer if answer.strip() else EMPTY_ANSWER
 
 
 # --------------------------------------------------------------------------- export
