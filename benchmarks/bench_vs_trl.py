@@ -22,11 +22,12 @@ unreachable by construction (see build_model_folder); a min_new_tokens processor
 Measured. Each (tool, config) trains in its own subprocess; a TrainerCallback times every optimizer
 step (on_step_begin -> on_step_end, median after the warm-up), the process CPU time of the step
 (user + sys: far less sensitive than wall time to other tenants of a shared machine), the time in
-the rollout (gen %: sdft-lite's generate_rollouts, TRL's _generate), and the peak RSS (ru_maxrss,
-which counts what glibc keeps of freed blocks; run with MALLOC_MMAP_THRESHOLD_=65536 to see live
-memory instead) or CUDA max_memory_allocated. Runs
-are repeated, interleaved with alternating tool order; the least disturbed run (lowest median) is
-kept, peak memory is the worst run's. OMP_WAIT_POLICY=PASSIVE by default: on a loaded 2-core box
+the rollout (gen %: sdft-lite's generate_rollouts, TRL's _generate), and the peak RSS (ru_maxrss)
+or CUDA max_memory_allocated. RSS also counts what glibc keeps of freed blocks: sdft-lite's train
+path lowers glibc's mmap threshold itself, TRL runs with glibc's defaults (set MALLOC_MMAP_THRESHOLD_
+=65536 in the environment to give TRL the same; sdft-lite's own mallopt call still wins). Runs are
+repeated, interleaved with alternating tool order; the least disturbed run (lowest median) is kept,
+peak memory is the worst run's. OMP_WAIT_POLICY=PASSIVE by default: on a loaded 2-core box
 spinning OpenMP threads make small ops several times slower, which would measure the neighbours.
 
 The floor: matmul FLOPs of one step over this machine's matmul rate (best 2048^3 torch.matmul, same
