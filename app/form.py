@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pandas as pd
 import yaml
 
-from sdft_lite.config import DEMO_MODEL, Recipe, RecipeError, dump_recipe, field_help, load_recipe, read_yaml
+from sdft_lite.config import DEMO_MODEL, Recipe, RecipeError, dump_recipe, field_help, load_recipe, read_yaml, set_key
 from sdft_lite.config import resolve_paths as resolve_recipe_paths
 
 # Accordion title -> recipe keys shown as generic widgets (the rest of the form is built by hand).
@@ -145,16 +145,6 @@ def get_key(data: dict, key: str, fallback: Any = None) -> Any:
             return fallback
         node = node[part]
     return node
-
-
-def set_key(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
 
 
 def _convert(key: str, value: Any) -> Any:
