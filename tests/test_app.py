@@ -340,7 +340,8 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
 
     # The queued run starts by itself; a third launch waits behind it.
     wait_for(c, "stopme", lambda s: s.get("state") == "running" and (s.get("step") or 0) >= 1, what="step 1")
-    assert "queued" in c.predict(**fields, output__name="later", api_name="/start")[0]
+    # Long enough that Cancel always catches it running, whatever the machine's speed.
+    assert "queued" in c.predict(**long_run, output__name="later", api_name="/start")[0]
 
     # Restart the app mid-training: the training goes on, the queue is still there.
     c = app_proc.restart()
@@ -363,15 +364,18 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
     v = view(c, "later")
     assert v.status["state"] == "stopped" and "cancelled from the app" in v.status["error"] and v.error
 
-    # Resume: queued again and trained to the end (no checkpoint: from step 0).
+    # Resume: queued again and training again (no checkpoint: from step 0); then stopped and saved.
     assert "queued to resume" in c.predict(name="later", api_name="/resume")
     v = wait_for(
         c,
         "later",
-        lambda s: s.get("state") in FINAL and not (s.get("error") or "").startswith("cancelled"),
-        what="resumed end",
+        lambda s: s.get("state") == "running" and not s.get("error") and (s.get("step") or 0) >= 1,
+        what="resumed training",
     )
-    assert v.status["state"] == "completed" and [p[0] for p in points(v.loss)] == [1, 2, 3]
+    assert "stop requested" in c.predict(name="later", api_name="/stop")
+    v = wait_for(c, "later", lambda s: s.get("state") in FINAL, what="resumed stop")
+    assert v.status["state"] == "stopped" and not v.status.get("error") and 1 <= v.status["step"] < 500
+    assert (app_proc.runs_dir / "later" / "adapter" / "adapter_model.safetensors").exists()
 
     # Another restart: every run is listed with its data.
     c = app_proc.restart()
@@ -379,7 +383,7 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
     assert {n: r["state"] for n, r in rows.items()} == {
         "quick": "completed",
         "stopme": "stopped",
-        "later": "completed",
+        "later": "stopped",
     }
     assert len(points(view(c, "quick").loss)) == 3 and view(c, "stopme").samples["data"]
 

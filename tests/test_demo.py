@@ -68,9 +68,11 @@ def test_chat_template_renders_chatml(tokenizer):
     rendered = tokenizer.apply_chat_template(full, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\nYo<|im_end|>\n")
     # transformers 5 returns a BatchEncoding for tokenize=True.
-    enc = tokenizer.apply_chat_template(full, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    enc = tokenizer.apply_chat_template(
+        full, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     assert tokenizer.decode(enc["input_ids"]) == rendered
-    assistant = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assistant = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
     assert tokenizer.decode(assistant) == "Yo<|im_end|>"
 
 

@@ -1,7 +1,7 @@
 """A built-in, offline demo model and demo tasks, so SDFT runs with no downloads.
 
 What ships:
-- `sdft_lite/demo/assets/demo-model/`: a ~1M-parameter Qwen2-architecture model with a
+- `sdft_lite/demo/assets/demo-model/`: a 0.46M-parameter Llama-architecture model with a
   character-level ChatML tokenizer, pretrained here on synthetic prior skills (copy,
   reverse, uppercase, add single digits) and on using a demonstration given in the
   paper's teacher prompt. Load it with `AutoModelForCausalLM.from_pretrained(demo_model_path())`.
@@ -12,8 +12,8 @@ What ships:
 Before fine-tuning the plain-prompt student scores ~0 on the new skill while the teacher
 (same model, teacher template + demonstration) scores high: the gap SDFT closes.
 
-Rebuild data and model (deterministic for a given machine and thread count; ~6 min on a
-2-core CPU):
+Rebuild data and model (~6 min on a 2-core CPU; training runs single-threaded, and two
+builds on the same machine and library versions give byte-identical files):
 
     python -m sdft_lite.demo build [--out DIR] [--data-dir DIR] [--seed 0] [--steps N]
     python -m sdft_lite.demo data [--data-dir DIR]        # data files only
@@ -73,17 +73,16 @@ def build(
 ) -> Path:
     """Write the demo data files, pretrain the demo model and save it; returns `out_dir`.
 
-    Held-out prompts (new-skill train/eval and probes) are excluded from pretraining, so
-    probe accuracy measures the skill, not memorisation.
+    New-skill prompts and word-skill probe prompts are excluded from pretraining, so those
+    probes measure the skill, not memorisation (the `add` probe checks memorised sums).
     """
     from .pretrain import pretrain
-    from .tasks import write_data_files
+    from .tasks import held_out_prompts, write_data_files
 
     out_dir = Path(out_dir) if out_dir is not None else _PACKAGED_MODEL
     data_dir = Path(data_dir) if data_dir is not None else _REPO_ROOT / "recipes" / "data" / "demo"
     files = write_data_files(data_dir, seed=seed)
-    held_out = {row["prompt"] for rows in files.values() for row in rows}
-    return pretrain(out_dir, held_out, seed=seed, steps=steps)
+    return pretrain(out_dir, held_out_prompts(files), seed=seed, steps=steps)
 
 
 def measure(model_path: str | Path, data_dir: str | Path, limit: int | None = None) -> dict[str, float]:

@@ -29,7 +29,12 @@ def _left_padded(tok, chats):
     side, tok.padding_side = tok.padding_side, "left"
     try:
         return tok.apply_chat_template(
-            chats, add_generation_prompt=True, tokenize=True, padding=True, return_dict=True, return_tensors="pt"
+            chats,
+            add_generation_prompt=True,
+            tokenize=True,
+            padding=True,
+            return_dict=True,
+            return_tensors="pt",
         )
     finally:
         tok.padding_side = side
@@ -39,7 +44,7 @@ def exact_match(model, tok, rows: list[dict], teacher: bool = False, **kwargs) -
     """Fraction of rows whose greedy answer equals `answer` (whitespace-stripped)."""
     texts = [tasks.teacher_prompt(r) if teacher else r["prompt"] for r in rows]
     preds = generate_greedy(model, tok, texts, **kwargs)
-    return sum(p.strip() == r["answer"].strip() for p, r in zip(preds, rows)) / max(1, len(rows))
+    return sum(p.strip() == r["answer"].strip() for p, r in zip(preds, rows, strict=True)) / max(1, len(rows))
 
 
 def measure_loaded(model, tok, data_dir: str | Path, limit: int | None = None) -> dict[str, float]:

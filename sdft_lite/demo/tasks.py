@@ -39,6 +39,11 @@ class Skill:
     phrasings: tuple[str, ...]  # format strings with {x}
     answer: Callable[[str], str]
     argument: Callable[[random.Random], str]
+    # Whether probe prompts are kept out of pretraining. True for word skills (unlimited
+    # arguments: the probe checks the skill). False for `add`: single-digit sums are a table
+    # of 100 facts the model memorises (it does not learn to add unseen pairs), so its probe
+    # checks that the pretrained facts are still remembered.
+    hold_out: bool = True
 
     def example(self, rng: random.Random) -> dict:
         x = self.argument(rng)
@@ -58,23 +63,21 @@ def _sum_answer(x: str) -> str:
 
 # Skills the demo model knows before fine-tuning; forgetting is measured on these.
 PRIOR_SKILLS = {
-    "copy": Skill(
-        "copy", ("Copy this word: {x}", "Write the word {x} exactly."), lambda w: w, pseudo_word
-    ),
+    "copy": Skill("copy", ("Copy this word: {x}", "Write the word {x} exactly."), lambda w: w, pseudo_word),
     "reverse": Skill(
         "reverse", ("Reverse this word: {x}", "Spell {x} backwards."), lambda w: w[::-1], pseudo_word
     ),
     "upper": Skill(
         "upper", ("Uppercase this word: {x}", "Write {x} in capital letters."), str.upper, pseudo_word
     ),
-    "add": Skill("add", ("Add these numbers: {x}", "What is {x}?"), _sum_answer, _sum_argument),
+    "add": Skill(
+        "add", ("Add these numbers: {x}", "What is {x}?"), _sum_answer, _sum_argument, hold_out=False
+    ),
 }
 
 # The skill SDFT should teach. Its instruction never appears in pretraining, so the
 # plain-prompt student cannot do it, while the teacher can copy the demonstration.
-NEW_SKILL = Skill(
-    "say_twice", ("Say this word twice: {x}",), lambda w: f"{w} {w}", pseudo_word
-)
+NEW_SKILL = Skill("say_twice", ("Say this word twice: {x}",), lambda w: f"{w} {w}", pseudo_word)
 
 # Instructions for "unseen-style" teacher-format pretraining examples. Their answers are
 # unrelated to the instruction, so the only way to get them right is to copy the
@@ -149,6 +152,12 @@ def make_data_files(seed: int = 0, n_train: int = 300, n_eval: int = 100, n_prob
     for name, skill in PRIOR_SKILLS.items():
         files[f"probe_{name}.jsonl"] = _unique_examples(skill, n_probe, rng, taken)
     return files
+
+
+def held_out_prompts(files: dict) -> set[str]:
+    """Prompts of the data files that pretraining must not see (see `Skill.hold_out`)."""
+    keep_in = {f"probe_{name}.jsonl" for name, skill in PRIOR_SKILLS.items() if not skill.hold_out}
+    return {row["prompt"] for name, rows in files.items() if name not in keep_in for row in rows}
 
 
 def write_data_files(data_dir: str | Path, seed: int = 0) -> dict:
