@@ -21,7 +21,16 @@ from typing import Any, Literal
 import pandas as pd
 import yaml
 
-from sdft_lite.config import DEMO_MODEL, Recipe, RecipeError, dump_recipe, field_help, load_recipe, read_yaml, set_key
+from sdft_lite.config import (
+    DEMO_MODEL,
+    Recipe,
+    RecipeError,
+    dump_recipe,
+    field_help,
+    load_recipe,
+    read_yaml,
+    set_key,
+)
 from sdft_lite.config import resolve_paths as resolve_recipe_paths
 
 # Accordion title -> recipe keys shown as generic widgets (the rest of the form is built by hand).

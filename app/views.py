@@ -198,9 +198,12 @@ def eval_frame(run: RunFolder) -> pd.DataFrame:
     """Accuracy per eval set over steps: `new_task` is the new skill, the others are retention probes."""
     rows = []
     for m in read_jsonl(run.metrics):
+        # The teacher row (demonstration in the prompt, before training) is its own series: the level
+        # the student can reach by distillation.
+        suffix = " (teacher)" if m.get("eval_label") == "teacher" else ""
         for k, v in m.items():
             if k.startswith("eval/") and isinstance(v, int | float):
-                rows.append((int(m.get("step", 0)), float(v), k.removeprefix("eval/")))
+                rows.append((int(m.get("step", 0)), float(v), k.removeprefix("eval/") + suffix))
     return curve(rows)
 
 

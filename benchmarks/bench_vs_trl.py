@@ -77,13 +77,26 @@ def build_model_folder(folder: Path, vocab: int, dtype: str) -> None:
     tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, attention_bias=True, max_position_embeddings=2048,
-        tie_word_embeddings=True, eos_token_id=EOS_IDS, pad_token_id=0, bos_token_id=None))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            attention_bias=True,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            eos_token_id=EOS_IDS,
+            pad_token_id=0,
+            bos_token_id=None,
+        )
+    )
     with torch.no_grad():  # end tokens unreachable: every completion runs to max_new_tokens
         emb = model.get_input_embeddings().weight  # tied: also the output head
         emb[:, 0] = 1.0  # a constant coordinate: the residual keeps x_0 ~ 1, so the final h_0 ~ 11 > 0,
@@ -119,8 +132,12 @@ def matmul_rates(device: str, dtype: str, vocabs: list[int]) -> dict:
     a, b = (torch.randn(2048, 2048, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     h = torch.randn(BATCH, HIDDEN, device=device, dtype=a.dtype)
     heads = {v: torch.randn(v, HIDDEN, device=device, dtype=a.dtype) for v in vocabs}
-    return {"matmul_flops": best(lambda: a @ b, 2 * 2048**3, 5),
-            "decode_head_flops": {v: best(lambda w=w: h @ w.T, 2 * BATCH * HIDDEN * v, 20) for v, w in heads.items()}}
+    return {
+        "matmul_flops": best(lambda: a @ b, 2 * 2048**3, 5),
+        "decode_head_flops": {
+            v: best(lambda w=w: h @ w.T, 2 * BATCH * HIDDEN * v, 20) for v, w in heads.items()
+        },
+    }
 
 
 def floor(r: dict, rates: dict) -> dict:
@@ -130,17 +147,29 @@ def floor(r: dict, rates: dict) -> dict:
     params = LAYERS * sum(i * o + LORA_R * (i + o) for i, o in [*shapes, (INTERMEDIATE, HIDDEN)])
     t, head, rows = r["completion"], 2 * HIDDEN * r["vocab"], BATCH * GENERATIONS
 
-    def forward(prompt: int) -> float:  # one row: all tokens through the decoder + head on completion positions
+    def forward(
+        prompt: int,
+    ) -> float:  # one row: all tokens through the decoder + head on completion positions
         n = prompt + t
         return n * 2 * params + 2 * LAYERS * HIDDEN * n * n + t * head
 
-    flops = {"rollout": rows * forward(PROMPT_TOKENS), "teacher": rows * forward(TEACHER_PROMPT_TOKENS),
-             "student": 3 * rows * forward(PROMPT_TOKENS), "rollout_head": rows * t * head}
+    flops = {
+        "rollout": rows * forward(PROMPT_TOKENS),
+        "teacher": rows * forward(TEACHER_PROMPT_TOKENS),
+        "student": 3 * rows * forward(PROMPT_TOKENS),
+        "rollout_head": rows * t * head,
+    }
     total = flops["rollout"] + flops["teacher"] + flops["student"]
     seconds = total / rates["matmul_flops"]
-    decode_bound = seconds + flops["rollout_head"] * (1 / rates["decode_head_flops"][r["vocab"]] - 1 / rates["matmul_flops"])
-    return {"floor_flops": {**flops, "total": total}, "floor_seconds": seconds,
-            "decode_bound_floor_seconds": decode_bound, "time_over_floor": r["seconds_per_step"] / seconds}
+    decode_bound = seconds + flops["rollout_head"] * (
+        1 / rates["decode_head_flops"][r["vocab"]] - 1 / rates["matmul_flops"]
+    )
+    return {
+        "floor_flops": {**flops, "total": total},
+        "floor_seconds": seconds,
+        "decode_bound_floor_seconds": decode_bound,
+        "time_over_floor": r["seconds_per_step"] / seconds,
+    }
 
 
 def device_name() -> str:
@@ -158,13 +187,17 @@ def versions() -> dict:
     from importlib.metadata import version
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
 
     source = b"".join(p.read_bytes() for p in sorted((REPO / "sdft_lite").rglob("*.py")))
-    return {**{name: version(name) for name in ("torch", "transformers", "trl", "peft")},
-            "sdft_lite_commit": git("rev-parse", "--short", "HEAD"),
-            "sdft_lite_uncommitted": git("status", "--porcelain", "--", "sdft_lite").splitlines(),
-            "sdft_lite_source_sha1": hashlib.sha1(source).hexdigest()[:12]}
+    return {
+        **{name: version(name) for name in ("torch", "transformers", "trl", "peft")},
+        "sdft_lite_commit": git("rev-parse", "--short", "HEAD"),
+        "sdft_lite_uncommitted": git("status", "--porcelain", "--", "sdft_lite").splitlines(),
+        "sdft_lite_source_sha1": hashlib.sha1(source).hexdigest()[:12],
+    }
 
 
 # --------------------------------------------------------------------------- child: one (tool, config) run
@@ -173,21 +206,53 @@ def sdft_lite_trainer(spec: dict, work: Path):
     from sdft_lite.runs import RunFolder
     from sdft_lite.train import build_trainer
 
-    recipe = load_recipe(None, data={
-        "model": {"name": spec["model"], "backend": "hf", "load_in_4bit": False, "dtype": spec["dtype"],
-                  "max_seq_length": 2048, "lora": {"r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0}},
-        "data": {"source": spec["data"], "chat_template": "never", "teacher_template": "{prompt}\n\n{demonstration}"},
-        "teacher": {"kind": "base"},
-        "loss": {"divergence": "forward", "support": spec["loss"], "topk": TOPK, "topk_source": "student",
-                 "add_tail": True, "skip_first_tokens": SKIP_TOKENS},
-        "generation": {"num_generations": GENERATIONS, "max_new_tokens": spec["completion"], "temperature": 1.0,
-                       "top_p": 1.0, "top_k": 0},
-        "train": {"max_steps": spec["warmup"] + spec["steps"], "batch_size": BATCH, "learning_rate": 1e-4,
-                  "lr_scheduler": "constant", "gradient_checkpointing": False, "seed": SEED, "logging_steps": 1,
-                  "sample_steps": 10**6, "save_steps": 10**6},
-        "eval": {"before": False, "after": False},
-        "output": {"dir": str(work), "name": "run", "if_exists": "overwrite"},
-    })
+    recipe = load_recipe(
+        None,
+        data={
+            "model": {
+                "name": spec["model"],
+                "backend": "hf",
+                "load_in_4bit": False,
+                "dtype": spec["dtype"],
+                "max_seq_length": 2048,
+                "lora": {"r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
+            },
+            "data": {
+                "source": spec["data"],
+                "chat_template": "never",
+                "teacher_template": "{prompt}\n\n{demonstration}",
+            },
+            "teacher": {"kind": "base"},
+            "loss": {
+                "divergence": "forward",
+                "support": spec["loss"],
+                "topk": TOPK,
+                "topk_source": "student",
+                "add_tail": True,
+                "skip_first_tokens": SKIP_TOKENS,
+            },
+            "generation": {
+                "num_generations": GENERATIONS,
+                "max_new_tokens": spec["completion"],
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+            },
+            "train": {
+                "max_steps": spec["warmup"] + spec["steps"],
+                "batch_size": BATCH,
+                "learning_rate": 1e-4,
+                "lr_scheduler": "constant",
+                "gradient_checkpointing": False,
+                "seed": SEED,
+                "logging_steps": 1,
+                "sample_steps": 10**6,
+                "save_steps": 10**6,
+            },
+            "eval": {"before": False, "after": False},
+            "output": {"dir": str(work), "name": "run", "if_exists": "overwrite"},
+        },
+    )
     run = RunFolder(work / "run")
     run.prepare("overwrite")
     return build_trainer(recipe, run), "completion_length"
@@ -201,37 +266,74 @@ def trl_trainer(spec: dict, work: Path):
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
-    data = Dataset.from_list([{"prompt": r["prompt"], "privileged_context": r["demonstration"]} for r in rows])
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "privileged_context": r["demonstration"]} for r in rows]
+    )
     args = SDFTConfig(
-        output_dir=str(work), per_device_train_batch_size=BATCH, num_generations=GENERATIONS,
-        max_completion_length=spec["completion"], max_prompt_length=512, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=1e-4, lr_scheduler_type="constant", max_steps=spec["warmup"] + spec["steps"], logging_steps=1,
-        save_strategy="no", report_to=[], seed=SEED, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        teacher_model_kind="base", teacher_prompt_template="{prompt}\n\n{privileged_context}",
-        distillation_mode="full_logits" if spec["loss"] == "full" else "topk_logits", distillation_alpha=0.0,
-        distillation_topk=TOPK, distillation_add_tail=True, distillation_is_clip=None,
-        num_loss_tokens_to_skip=SKIP_TOKENS)
+        output_dir=str(work),
+        per_device_train_batch_size=BATCH,
+        num_generations=GENERATIONS,
+        max_completion_length=spec["completion"],
+        max_prompt_length=512,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        max_steps=spec["warmup"] + spec["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=SEED,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        teacher_model_kind="base",
+        teacher_prompt_template="{prompt}\n\n{privileged_context}",
+        distillation_mode="full_logits" if spec["loss"] == "full" else "topk_logits",
+        distillation_alpha=0.0,
+        distillation_topk=TOPK,
+        distillation_add_tail=True,
+        distillation_is_clip=None,
+        num_loss_tokens_to_skip=SKIP_TOKENS,
+    )
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
-    lora = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules="all-linear", bias="none",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=LORA_R,
+        lora_alpha=2 * LORA_R,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    trainer = SDFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    trainer = SDFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora
+    )
     return trainer, "completions/mean_length"
 
 
 # cProfile phases: (label, path fragment, function); cumulative seconds of one step.
 PHASES = {
-    "sdft-lite": [("rollout (generate_rollouts)", "sdft_lite/rollout.py", "generate_rollouts"),
-                  ("teacher decoder forward", "sdft_lite/teacher.py", "hidden_states"),
-                  ("decoder forwards, teacher + student", "sdft_lite/models.py", "decoder_hidden_states"),
-                  ("loss (chunked_distillation_loss)", "sdft_lite/losses.py", "chunked_distillation_loss")],
-    "trl": [("rollout (_generate_transformers)", "sdft/sdft_trainer.py", "_generate_transformers"),
-            ("teacher + student logits", "sdft/sdft_trainer.py", "_compute_teacher_student_logits"),
-            ("loss", "sdft/sdft_trainer.py", "_compute_self_distillation_loss")],
+    "sdft-lite": [
+        ("rollout (generate_rollouts)", "sdft_lite/rollout.py", "generate_rollouts"),
+        ("teacher decoder forward", "sdft_lite/teacher.py", "hidden_states"),
+        ("decoder forwards, teacher + student", "sdft_lite/models.py", "decoder_hidden_states"),
+        ("loss (chunked_distillation_loss)", "sdft_lite/losses.py", "chunked_distillation_loss"),
+    ],
+    "trl": [
+        ("rollout (_generate_transformers)", "sdft/sdft_trainer.py", "_generate_transformers"),
+        ("teacher + student logits", "sdft/sdft_trainer.py", "_compute_teacher_student_logits"),
+        ("loss", "sdft/sdft_trainer.py", "_compute_self_distillation_loss"),
+    ],
 }
-COMMON_PHASES = [("backward", "torch/_tensor.py", "backward"), ("optimizer step", "torch/optim/", "step"),
-                 ("training_step, total", "transformers/trainer.py", "training_step")]
+COMMON_PHASES = [
+    ("backward", "torch/_tensor.py", "backward"),
+    ("optimizer step", "torch/optim/", "step"),
+    ("training_step, total", "transformers/trainer.py", "training_step"),
+]
 
 
 def child(spec: dict) -> dict:
@@ -302,28 +404,43 @@ def child(spec: dict) -> dict:
     lengths = [h[length_key] for h in trainer.state.log_history if length_key in h and h.get("step", 0) > w]
     length = statistics.mean(lengths) if lengths else None
     seconds = statistics.median(log["wall"][w:])
-    result = {**{k: spec[k] for k in ("tool", "loss", "vocab", "completion", "warmup", "steps", "dtype")},
-              "device": device_name(), "torch_threads": torch.get_num_threads(),
-              "seconds_per_step": seconds, "step_seconds": [round(s, 3) for s in log["wall"][w:]],
-              "cpu_seconds_per_step": statistics.median(log["cpu"][w:]),
-              "generation_share": sum(log["gen"][w:]) / sum(log["wall"][w:]), "mean_completion_length": length,
-              "tokens_per_second": BATCH * GENERATIONS * (length or 0) / seconds,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "rss_before_train_mib": rss_before,
-              "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+    result = {
+        **{k: spec[k] for k in ("tool", "loss", "vocab", "completion", "warmup", "steps", "dtype")},
+        "device": device_name(),
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_step": seconds,
+        "step_seconds": [round(s, 3) for s in log["wall"][w:]],
+        "cpu_seconds_per_step": statistics.median(log["cpu"][w:]),
+        "generation_share": sum(log["gen"][w:]) / sum(log["wall"][w:]),
+        "mean_completion_length": length,
+        "tokens_per_second": BATCH * GENERATIONS * (length or 0) / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_train_mib": rss_before,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    }
     if spec["profile"]:
         stats = pstats.Stats(log["cprofile"]).stats
         result["profile_phases"] = {
-            label: round(max(v[3] for (file, _, name), v in stats.items() if name == func and part in file), 3)
+            label: round(
+                max(v[3] for (file, _, name), v in stats.items() if name == func and part in file), 3
+            )
             for label, part, func in PHASES[spec["tool"]] + COMMON_PHASES
-            if any(name == func and part in file for file, _, name in stats)}
+            if any(name == func and part in file for file, _, name in stats)
+        }
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         events = log["torch_profile"].key_averages(group_by_input_shape=True)  # tells the heads apart
         events = sorted(events, key=lambda e: getattr(e, key), reverse=True)
         total = sum(getattr(e, key) for e in events)
         result["profile_top_ops"] = [
-            {"op": e.key, "shapes": [s for s in e.input_shapes if s], "ms": round(getattr(e, key) / 1e3, 1),
-             "calls": e.count, "share": round(getattr(e, key) / total, 3)} for e in events[:20]]
+            {
+                "op": e.key,
+                "shapes": [s for s in e.input_shapes if s],
+                "ms": round(getattr(e, key) / 1e3, 1),
+                "calls": e.count,
+                "share": round(getattr(e, key) / total, 3),
+            }
+            for e in events[:20]
+        ]
     return result
 
 
@@ -335,31 +452,48 @@ def run_one(spec: dict, tmp: Path, omp_wait_policy: str) -> dict:
     tag = f"{spec['tool']}-{'profile' if spec['profile'] else spec['loss']}-{spec['vocab']}-{spec['completion']}"
     tag += f"-{len(list(tmp.glob(tag + '-*.log')))}"
     spec_file = tmp / f"{tag}.json"
-    spec_file.write_text(json.dumps({**spec, "model": str(folder), "data": str(tmp / "train.jsonl"),
-                                     "work": str(tmp / tag)}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    spec_file.write_text(
+        json.dumps({**spec, "model": str(folder), "data": str(tmp / "train.jsonl"), "work": str(tmp / tag)})
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     env.update({"OMP_WAIT_POLICY": omp_wait_policy} if omp_wait_policy else {})
     load, start = os.getloadavg()[0], time.perf_counter()
     with open(tmp / f"{tag}.log", "w") as out:
-        subprocess.run([sys.executable, __file__, "--child", str(spec_file)], stdout=out, stderr=subprocess.STDOUT,
-                       env=env, check=False)
+        subprocess.run(
+            [sys.executable, __file__, "--child", str(spec_file)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=False,
+        )
     result_file = spec_file.with_suffix(".result.json")
     if not result_file.exists():
         tail = "".join((tmp / f"{tag}.log").read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"{tag} failed:\n{tail}")
     r = {**json.loads(result_file.read_text()), "load_avg_1min": [load, os.getloadavg()[0]]}
-    print(f"  {tag:34} {r['seconds_per_step']:6.2f} s/step {r['cpu_seconds_per_step']:6.2f} CPU s/step  "
-          f"load {load:.1f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"  {tag:34} {r['seconds_per_step']:6.2f} s/step {r['cpu_seconds_per_step']:6.2f} CPU s/step  "
+        f"load {load:.1f}  ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     return r
 
 
 def best_of(runs: list[dict], rates: dict) -> dict:
     """The least disturbed run (lowest median s/step); CPU time is the lowest, peak memory the highest."""
     r = dict(min(runs, key=lambda x: x["seconds_per_step"]))
-    r.update(run_medians=[x["seconds_per_step"] for x in runs],
-             cpu_seconds_per_step=min(x["cpu_seconds_per_step"] for x in runs),
-             config=f"{r['loss']} V={r['vocab']} T={r['completion']}", gen_pct=100 * r["generation_share"])
+    r.update(
+        run_medians=[x["seconds_per_step"] for x in runs],
+        cpu_seconds_per_step=min(x["cpu_seconds_per_step"] for x in runs),
+        config=f"{r['loss']} V={r['vocab']} T={r['completion']}",
+        gen_pct=100 * r["generation_share"],
+    )
     for key in ("peak_rss_mib", "peak_cuda_mib"):
         r[key] = max(x[key] for x in runs) if r[key] is not None else None
     return {**r, **floor(r, rates)}
@@ -368,21 +502,35 @@ def best_of(runs: list[dict], rates: dict) -> dict:
 def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         ref = next((x for x in rows if x["tool"] == "trl" and x["config"] == r["config"]), None)
-        for key, ratio in (("seconds_per_step", "step_ratio"), ("cpu_seconds_per_step", "cpu_ratio"),
-                           ("peak_rss_mib", "rss_ratio"), ("peak_cuda_mib", "cuda_ratio")):
+        for key, ratio in (
+            ("seconds_per_step", "step_ratio"),
+            ("cpu_seconds_per_step", "cpu_ratio"),
+            ("peak_rss_mib", "rss_ratio"),
+            ("peak_cuda_mib", "cuda_ratio"),
+        ):
             if r["tool"] == "sdft-lite" and ref and r[key] is not None:
                 r[ratio] = r[key] / ref[key]
 
 
 def print_table(rows: list[dict], cuda: bool) -> None:
-    columns = [("tool", "tool", "{}"), ("config", "config", "{}"), ("s/step", "seconds_per_step", "{:.2f}"),
-               ("CPU s/step", "cpu_seconds_per_step", "{:.2f}"), ("gen %", "gen_pct", "{:.0f}"),
-               ("tok/s", "tokens_per_second", "{:.1f}"), ("len", "mean_completion_length", "{:.0f}"),
-               ("peak RSS MiB", "peak_rss_mib", "{:.0f}"), ("peak CUDA MiB", "peak_cuda_mib", "{:.0f}"),
-               ("floor s", "floor_seconds", "{:.2f}"), ("decode-bound floor s", "decode_bound_floor_seconds", "{:.2f}"),
-               ("time/floor", "time_over_floor", "{:.1f}"), ("s/step vs TRL", "step_ratio", "{:.2f}"),
-               ("CPU s vs TRL", "cpu_ratio", "{:.2f}"), ("RSS vs TRL", "rss_ratio", "{:.2f}"),
-               ("CUDA mem vs TRL", "cuda_ratio", "{:.2f}")]
+    columns = [
+        ("tool", "tool", "{}"),
+        ("config", "config", "{}"),
+        ("s/step", "seconds_per_step", "{:.2f}"),
+        ("CPU s/step", "cpu_seconds_per_step", "{:.2f}"),
+        ("gen %", "gen_pct", "{:.0f}"),
+        ("tok/s", "tokens_per_second", "{:.1f}"),
+        ("len", "mean_completion_length", "{:.0f}"),
+        ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+        ("peak CUDA MiB", "peak_cuda_mib", "{:.0f}"),
+        ("floor s", "floor_seconds", "{:.2f}"),
+        ("decode-bound floor s", "decode_bound_floor_seconds", "{:.2f}"),
+        ("time/floor", "time_over_floor", "{:.1f}"),
+        ("s/step vs TRL", "step_ratio", "{:.2f}"),
+        ("CPU s vs TRL", "cpu_ratio", "{:.2f}"),
+        ("RSS vs TRL", "rss_ratio", "{:.2f}"),
+        ("CUDA mem vs TRL", "cuda_ratio", "{:.2f}"),
+    ]
     columns = [c for c in columns if cuda or "CUDA" not in c[0]]
     cells = [[fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(columns)]
@@ -391,32 +539,50 @@ def print_table(rows: list[dict], cuda: bool) -> None:
 
 
 def print_profile(p: dict) -> None:
-    print(f"\n{p['tool']}, one profiled step (full V={p['vocab']} T={p['completion']}, {p['seconds_per_step']:.2f} s/step "
-          "with the profilers on). Cumulative seconds (cProfile, first measured step):")
+    print(
+        f"\n{p['tool']}, one profiled step (full V={p['vocab']} T={p['completion']}, {p['seconds_per_step']:.2f} s/step "
+        "with the profilers on). Cumulative seconds (cProfile, first measured step):"
+    )
     for label, seconds in p["profile_phases"].items():
         print(f"  {label:40} {seconds:7.2f}")
     print("Top ops by self time and input shapes (torch.profiler, second measured step):")
     for e in p["profile_top_ops"]:
         shapes = " x ".join(str(s) for s in e["shapes"][:2]).replace(" ", "")
-        print(f"  {e['op'][:32]:32} {shapes[:34]:34} {e['ms']:8.1f} ms {100 * e['share']:5.1f} % {e['calls']:5d} calls")
+        print(
+            f"  {e['op'][:32]:32} {shapes[:34]:34} {e['ms']:8.1f} ms {100 * e['share']:5.1f} % {e['calls']:5d} calls"
+        )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per run (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps before measuring")
     p.add_argument("--repeats", type=int, help="runs per (tool, config), interleaved (default 2; sweep 1)")
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--completion", type=int, default=128, help="tokens per completion (always reached)")
-    p.add_argument("--losses", default="full,topk", help="comma list: full (full vocab), topk (top-100 + tail)")
+    p.add_argument(
+        "--losses", default="full,topk", help="comma list: full (full vocab), topk (top-100 + tail)"
+    )
     p.add_argument("--tools", default="sdft-lite,trl", help="comma list: sdft-lite, trl")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute, both tools")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute, both tools"
+    )
     p.add_argument("--sweep", action="store_true", help="full loss over --sweep-completions x --sweep-vocabs")
     p.add_argument("--sweep-completions", default="64,128,256,512")
     p.add_argument("--sweep-vocabs", default="32000,151936")
-    p.add_argument("--profile-tools", default="sdft-lite", help="tools to profile for one step ('' = none; not in sweeps)")
-    p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for every run; '' leaves it unset")
-    p.add_argument("--out", type=Path, help="default: benchmarks/results/bench_vs_trl.json (_sweep.json for --sweep)")
+    p.add_argument(
+        "--profile-tools",
+        default="sdft-lite",
+        help="tools to profile for one step ('' = none; not in sweeps)",
+    )
+    p.add_argument(
+        "--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for every run; '' leaves it unset"
+    )
+    p.add_argument(
+        "--out", type=Path, help="default: benchmarks/results/bench_vs_trl.json (_sweep.json for --sweep)"
+    )
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -430,42 +596,89 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_vs_trl-"))
     write_data(tmp / "train.jsonl")
     if a.sweep:
-        configs = [("full", int(v), int(c)) for v in a.sweep_vocabs.split(",") for c in a.sweep_completions.split(",")]
+        configs = [
+            ("full", int(v), int(c))
+            for v in a.sweep_vocabs.split(",")
+            for c in a.sweep_completions.split(",")
+        ]
     else:
         configs = [(loss, a.vocab, a.completion) for loss in a.losses.split(",")]
     rates = matmul_rates("cuda" if cuda else "cpu", a.dtype, sorted({v for _, v, _ in configs}))
     heads = ", ".join(f"V={v}: {f / 1e9:.1f}" for v, f in rates["decode_head_flops"].items())
-    print(f"{device_name()}, {torch.get_num_threads()} torch threads; {a.dtype} GFLOP/s: matmul 2048^3 "
-          f"{rates['matmul_flops'] / 1e9:.0f}, decode head [4,{HIDDEN}]x[{HIDDEN},V] {heads}; logs in {tmp}", flush=True)
+    print(
+        f"{device_name()}, {torch.get_num_threads()} torch threads; {a.dtype} GFLOP/s: matmul 2048^3 "
+        f"{rates['matmul_flops'] / 1e9:.0f}, decode head [4,{HIDDEN}]x[{HIDDEN},V] {heads}; logs in {tmp}",
+        flush=True,
+    )
 
     tools, repeats, runs = a.tools.split(","), a.repeats or (1 if a.sweep else 2), {}
     for rep in range(repeats):  # interleaved, tool order alternating: a slow spell hits both tools alike
         for loss, vocab, completion in configs:
             for tool in tools if rep % 2 == 0 else tools[::-1]:
-                spec = dict(tool=tool, loss=loss, vocab=vocab, completion=completion, warmup=a.warmup,
-                            steps=a.steps, dtype=a.dtype, profile=False)
-                runs.setdefault((tool, loss, vocab, completion), []).append(run_one(spec, tmp, a.omp_wait_policy))
+                spec = dict(
+                    tool=tool,
+                    loss=loss,
+                    vocab=vocab,
+                    completion=completion,
+                    warmup=a.warmup,
+                    steps=a.steps,
+                    dtype=a.dtype,
+                    profile=False,
+                )
+                runs.setdefault((tool, loss, vocab, completion), []).append(
+                    run_one(spec, tmp, a.omp_wait_policy)
+                )
     profiles = {}
     for tool in [] if a.sweep else filter(None, a.profile_tools.split(",")):
-        spec = dict(tool=tool, loss="full", vocab=a.vocab, completion=a.completion, warmup=a.warmup, steps=2,
-                    dtype=a.dtype, profile=True)
+        spec = dict(
+            tool=tool,
+            loss="full",
+            vocab=a.vocab,
+            completion=a.completion,
+            warmup=a.warmup,
+            steps=2,
+            dtype=a.dtype,
+            profile=True,
+        )
         profiles[tool] = run_one(spec, tmp, a.omp_wait_policy)
     rows = [best_of(rs, rates) for rs in runs.values()]
     add_ratios(rows)
 
-    print(f"\n{BATCH} prompts x {GENERATIONS} generation, LoRA r {LORA_R}, teacher base, {a.dtype}; {a.warmup} warm-up + "
-          f"{a.steps} measured steps, best of {repeats} run(s); ratios = sdft-lite / TRL\n")
+    print(
+        f"\n{BATCH} prompts x {GENERATIONS} generation, LoRA r {LORA_R}, teacher base, {a.dtype}; {a.warmup} warm-up + "
+        f"{a.steps} measured steps, best of {repeats} run(s); ratios = sdft-lite / TRL\n"
+    )
     print_table(rows, cuda)
     for profile in profiles.values():
         print_profile(profile)
     loads = [x for rs in runs.values() for r in rs for x in r["load_avg_1min"]]
-    meta = {**versions(), "python": platform.python_version(), "device": device_name(), "cuda": cuda,
-            "command": " ".join(["python", *sys.argv]), "matmul": rates, "load_avg_1min_range": [min(loads), max(loads)],
-            "omp_wait_policy": a.omp_wait_policy, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-            "setup": dict(hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, intermediate=INTERMEDIATE,
-                          lora_r=LORA_R, batch=BATCH, generations=GENERATIONS, prompt_tokens=PROMPT_TOKENS,
-                          teacher_prompt_tokens=TEACHER_PROMPT_TOKENS, skip_first_tokens=SKIP_TOKENS, teacher="base",
-                          topk=TOPK, divergence="forward KL")}
+    meta = {
+        **versions(),
+        "python": platform.python_version(),
+        "device": device_name(),
+        "cuda": cuda,
+        "command": " ".join(["python", *sys.argv]),
+        "matmul": rates,
+        "load_avg_1min_range": [min(loads), max(loads)],
+        "omp_wait_policy": a.omp_wait_policy,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "setup": dict(
+            hidden=HIDDEN,
+            layers=LAYERS,
+            heads=HEADS,
+            kv_heads=KV_HEADS,
+            intermediate=INTERMEDIATE,
+            lora_r=LORA_R,
+            batch=BATCH,
+            generations=GENERATIONS,
+            prompt_tokens=PROMPT_TOKENS,
+            teacher_prompt_tokens=TEACHER_PROMPT_TOKENS,
+            skip_first_tokens=SKIP_TOKENS,
+            teacher="base",
+            topk=TOPK,
+            divergence="forward KL",
+        ),
+    }
     out = a.out or RESULTS / ("bench_vs_trl_sweep.json" if a.sweep else "bench_vs_trl.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows, "profiles": profiles}, indent=2) + "\n")

@@ -44,14 +44,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+LIVE_MEMORY_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
 MODEL = dict(hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1408, vocab=32000)
 BASE = dict(
     model={"backend": "hf", "load_in_4bit": False, "max_seq_length": 512, "lora": {"r": 16, "alpha": 32}},
     data={"max_prompt_tokens": 64, "max_teacher_prompt_tokens": 192, "chat_template": "never"},
     generation={"max_new_tokens": 64},
-    train={"batch_size": 4, "learning_rate": 1e-3, "gradient_checkpointing": False, "save_steps": 1000,
-           "sample_steps": 1000, "logging_steps": 1},
+    train={
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "gradient_checkpointing": False,
+        "save_steps": 1000,
+        "sample_steps": 1000,
+        "logging_steps": 1,
+    },
     teacher={"kind": "base"},
 )
 # name -> overrides of BASE (section -> keys)
@@ -59,11 +69,20 @@ CONFIGS = {
     "fp32 base-teacher": {},
     "fp32 +checkpointing": {"train": {"gradient_checkpointing": True}},
     "fp32 ema-teacher": {"teacher": {"kind": "ema"}},
-    "fp32 batch 8, 128 new": {"train": {"batch_size": 8}, "generation": {"max_new_tokens": 128},
-                              "model": {"max_seq_length": 512}},
-    "4-bit ema +checkpointing": {"model": {"load_in_4bit": True}, "teacher": {"kind": "ema"},
-                                 "train": {"gradient_checkpointing": True}},
-    "4-bit batch 8, r 64": {"model": {"load_in_4bit": True, "lora": {"r": 64, "alpha": 64}}, "train": {"batch_size": 8}},
+    "fp32 batch 8, 128 new": {
+        "train": {"batch_size": 8},
+        "generation": {"max_new_tokens": 128},
+        "model": {"max_seq_length": 512},
+    },
+    "4-bit ema +checkpointing": {
+        "model": {"load_in_4bit": True},
+        "teacher": {"kind": "ema"},
+        "train": {"gradient_checkpointing": True},
+    },
+    "4-bit batch 8, r 64": {
+        "model": {"load_in_4bit": True, "lora": {"r": 64, "alpha": 64}},
+        "train": {"batch_size": 8},
+    },
 }
 
 
@@ -80,14 +99,22 @@ def build_model_dir(out: Path, sizes: dict = MODEL, seed: int = 0) -> dict:
     tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
     tok.save_pretrained(out)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
-        num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"], num_key_value_heads=sizes["kv_heads"],
-        max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=0,
+        vocab_size=sizes["vocab"],
+        hidden_size=sizes["hidden"],
+        intermediate_size=sizes["intermediate"],
+        num_hidden_layers=sizes["layers"],
+        num_attention_heads=sizes["heads"],
+        num_key_value_heads=sizes["kv_heads"],
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=0,
     )
     LlamaForCausalLM(cfg).save_pretrained(out)
     return cfg.to_dict()
@@ -186,7 +213,9 @@ def _worker(spec: dict) -> dict:
         "measured_end_mib": (end - baseline) / 1024,
         "estimate_peak_mib": plan.total / 2**20,
         "measured_peak_mib": (peak - baseline) / 1024,
-        "estimate_phases_mib": {p: plan.phase_bytes(p) / 2**20 for p in ("static", "rollout", "teacher", "student")},
+        "estimate_phases_mib": {
+            p: plan.phase_bytes(p) / 2**20 for p in ("static", "rollout", "teacher", "student")
+        },
         "peak_phase": plan.peak_phase,
         "estimate_total_gib": plan.total / GiB,
         "params_m": plan.arch.total_params / 1e6,
@@ -195,10 +224,14 @@ def _worker(spec: dict) -> dict:
 
 def _run(name: str, recipe: dict, config: dict) -> dict:
     spec = json.dumps({"name": name, "recipe": recipe, "config": config})
-    env = {**os.environ, **LIVE_MEMORY_ENV,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env,
-                          check=False)
+    env = {
+        **os.environ,
+        **LIVE_MEMORY_ENV,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -221,20 +254,33 @@ def main() -> None:
         tmp = Path(tmp)
         config = build_model_dir(tmp / "model")
         data = write_data(tmp / "train.jsonl", prompt_chars=BASE["data"]["max_prompt_tokens"])
-        header = (f"{'config':26} {'end est':>8} {'measured':>9} {'peak est':>9} {'measured':>9} "
-                  f"{'meas/est':>8}  peak phase (est)")
-        print(f"model: {MODEL}; memory in MiB over the process baseline; {args.steps} steps\n{header}\n{'-' * len(header)}")
+        header = (
+            f"{'config':26} {'end est':>8} {'measured':>9} {'peak est':>9} {'measured':>9} "
+            f"{'meas/est':>8}  peak phase (est)"
+        )
+        print(
+            f"model: {MODEL}; memory in MiB over the process baseline; {args.steps} steps\n{header}\n{'-' * len(header)}"
+        )
         for name in names:
             r = _run(name, recipe_dict(CONFIGS[name], tmp / "model", data, tmp / "runs", args.steps), config)
             rows.append(r)
-            print(f"{name:26} {r['estimate_end_mib']:8.0f} {r['measured_end_mib']:9.0f} "
-                  f"{r['estimate_peak_mib']:9.0f} {r['measured_peak_mib']:9.0f} "
-                  f"{r['measured_peak_mib'] / r['estimate_peak_mib']:8.2f}  {r['peak_phase']}", flush=True)
+            print(
+                f"{name:26} {r['estimate_end_mib']:8.0f} {r['measured_end_mib']:9.0f} "
+                f"{r['estimate_peak_mib']:9.0f} {r['measured_peak_mib']:9.0f} "
+                f"{r['measured_peak_mib'] / r['estimate_peak_mib']:8.2f}  {r['peak_phase']}",
+                flush=True,
+            )
     import torch
 
     meta = {
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "model": MODEL, "base_recipe": BASE, "configs": CONFIGS, "steps": args.steps,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "model": MODEL,
+        "base_recipe": BASE,
+        "configs": CONFIGS,
+        "steps": args.steps,
         "measured": "RSS growth over a process that has imported everything (MALLOC_MMAP_THRESHOLD_=65536)",
         "estimate": "sdft_lite.plan.estimate(recipe, config, device='cpu', backend='hf')",
     }

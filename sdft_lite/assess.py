@@ -20,16 +20,34 @@ class Evaluator:
         self.model, self.tokenizer, self.encoder, self.sets = model, tokenizer, encoder, sets
         self.eos_ids, self.pad_id, self.cfg, self.run = eos_ids, pad_id, cfg, run
 
-    def __call__(self, label: str, step: int, base: bool = False) -> dict:
-        """Evaluate (the base model when `base`, i.e. adapter off) and record the result."""
+    def __call__(self, label: str, step: int, base: bool = False, as_teacher: bool = False) -> dict:
+        """Evaluate (the base model when `base`, i.e. adapter off) and record the result.
+
+        `as_teacher`: generate from the teacher prompt (question + demonstration); only the sets
+        that have demonstrations (the new task) are scored.
+        """
         if not self.sets:
             return {}
-        ctx = self.model.disable_adapter() if base and hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        ctx = (
+            self.model.disable_adapter()
+            if base and hasattr(self.model, "disable_adapter")
+            else contextlib.nullcontext()
+        )
         from .evaluate import evaluate
 
         with ctx:
-            results = evaluate(self.model, self.tokenizer, self.encoder, self.sets, eos_ids=self.eos_ids,
-                               pad_id=self.pad_id, cfg=self.cfg)
+            results = evaluate(
+                self.model,
+                self.tokenizer,
+                self.encoder,
+                self.sets,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
+                cfg=self.cfg,
+                as_teacher=as_teacher,
+            )
+        if not results:
+            return {}
         if self.run is not None:
             record_eval(self.run, label, step, results)
         return results
@@ -43,8 +61,10 @@ def record_eval(run: RunFolder, label: str, step: int, results: dict) -> None:
     else:
         data[label] = entry
     atomic_write_json(run.eval_file, data)
-    append_jsonl(run.metrics, {"step": step, "eval_label": label,
-                               **{f"eval/{name}": r["accuracy"] for name, r in results.items()}})
+    append_jsonl(
+        run.metrics,
+        {"step": step, "eval_label": label, **{f"eval/{name}": r["accuracy"] for name, r in results.items()}},
+    )
 
 
 def read_eval(run: RunFolder) -> dict:
@@ -95,10 +115,19 @@ def compare_table(runs: list[RunFolder]) -> str:
         delta = f" ({100 * (after - before):+.1f})" if before is not None else ""
         return f"{100 * after:.1f}{delta}"
 
-    body = [[r["run"], r["method"], r["teacher"], r["state"], str(r["steps"] or "-"),
-             *(cell(r, s) for s in sets),
-             f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "-",
-             f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-"] for r in rows]
+    body = [
+        [
+            r["run"],
+            r["method"],
+            r["teacher"],
+            r["state"],
+            str(r["steps"] or "-"),
+            *(cell(r, s) for s in sets),
+            f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "-",
+            f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-",
+        ]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -117,7 +146,14 @@ def resolve_run(name: str, runs_dir: str | Path = "runs") -> RunFolder:
 def load_for_eval(recipe, target: str | None, runs_dir: str | Path = "runs"):
     """(model, tokenizer, eos_ids, pad_id, label): `target` is a run (its adapter on the recipe's
     model), a model name/folder, or None for the recipe's model itself."""
-    from .models import eos_token_ids, load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_name
+    from .models import (
+        eos_token_ids,
+        load_base_model,
+        load_tokenizer,
+        pick_device,
+        pick_dtype,
+        resolve_model_name,
+    )
 
     run = resolve_run(target, runs_dir) if target else None
     is_run = run is not None and run.adapter.is_dir()
@@ -149,7 +185,9 @@ def standalone_eval(recipe, target: str | None, runs_dir: str | Path = "runs") -
     if not sets:
         from .train import TrainError
 
-        raise TrainError("nothing to evaluate: set data.eval_source or data.eval_fraction, or add eval.probes")
+        raise TrainError(
+            "nothing to evaluate: set data.eval_source or data.eval_fraction, or add eval.probes"
+        )
     model, tok, eos_ids, pad_id, label = load_for_eval(recipe, target, runs_dir)
     evaluator = Evaluator(model, tok, PromptEncoder(tok, recipe.data), sets, eos_ids, pad_id, recipe.eval)
     return label, evaluator(label, 0)
@@ -163,5 +201,13 @@ def teacher_check(recipe, limit: int = 64) -> dict:
 
     data = load_data(recipe.data)
     model, tok, eos_ids, pad_id, _ = load_for_eval(recipe, None)
-    return teacher_student_check(model, tok, PromptEncoder(tok, recipe.data), data.train, eos_ids=eos_ids,
-                                 pad_id=pad_id, cfg=recipe.eval, limit=limit)
+    return teacher_student_check(
+        model,
+        tok,
+        PromptEncoder(tok, recipe.data),
+        data.train,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        cfg=recipe.eval,
+        limit=limit,
+    )

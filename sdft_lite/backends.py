@@ -58,18 +58,23 @@ def choose_backend(requested: str, cuda: bool, unsloth: bool) -> tuple[Backend, 
     if requested == "auto":
         if cuda and unsloth:
             return "unsloth", "auto: CUDA and unsloth are available"
-        missing = " and ".join(m for m, ok in (("no CUDA GPU", cuda), ("unsloth not installed", unsloth)) if not ok)
+        missing = " and ".join(
+            m for m, ok in (("no CUDA GPU", cuda), ("unsloth not installed", unsloth)) if not ok
+        )
         return "hf", f"auto: {missing}"
     if requested != "unsloth":
         raise BackendError(f"model.backend must be auto, hf or unsloth, got '{requested}'")
     problems = []
     if not cuda:
-        problems.append("no CUDA GPU is visible to PyTorch (Unsloth's kernels need an NVIDIA GPU and a CUDA build of torch)")
+        problems.append(
+            "no CUDA GPU is visible to PyTorch (Unsloth's kernels need an NVIDIA GPU and a CUDA build of torch)"
+        )
     if not unsloth:
         problems.append(f"the unsloth package is not installed (install it with: {INSTALL_UNSLOTH})")
     if problems:
         raise BackendError(
-            "model.backend is 'unsloth' but " + "; and ".join(problems)
+            "model.backend is 'unsloth' but "
+            + "; and ".join(problems)
             + ". Use `model.backend: hf` (or auto) to train with transformers + PEFT instead."
         )
     return "unsloth", "model.backend is unsloth"
@@ -96,7 +101,9 @@ def activate_backend(cfg: ModelConfig) -> Backend:
     if backend == "unsloth":
         late = [m for m in ("transformers", "peft", "trl") if m in sys.modules]
         if late and "unsloth" not in sys.modules:
-            log.warning("unsloth is imported after %s: some of its optimisations may not apply", ", ".join(late))
+            log.warning(
+                "unsloth is imported after %s: some of its optimisations may not apply", ", ".join(late)
+            )
         _unsloth_module()
     return backend
 
@@ -111,8 +118,9 @@ def _unsloth_module():
         ) from e
 
 
-def load_student_for(cfg: ModelConfig, gradient_checkpointing: bool, seed: int,
-                     backend: Backend | None = None) -> LoadedModel:
+def load_student_for(
+    cfg: ModelConfig, gradient_checkpointing: bool, seed: int, backend: Backend | None = None
+) -> LoadedModel:
     """Base model + fresh LoRA adapter 'default', loaded by `backend` (default: the one the recipe selects)."""
     if (backend or activate_backend(cfg)) == "unsloth":
         return _unsloth_module().load_student(cfg, gradient_checkpointing, seed)
@@ -148,7 +156,11 @@ def expand_target_modules(target_modules: list[str] | str, present: set[str] | N
     With `present` (leaf module names of the model), keep only those the model has, and raise
     BackendError when none is left.
     """
-    names = list(UNSLOTH_LINEAR_MODULES) if target_modules == "all-linear" else list(dict.fromkeys(target_modules))
+    names = (
+        list(UNSLOTH_LINEAR_MODULES)
+        if target_modules == "all-linear"
+        else list(dict.fromkeys(target_modules))
+    )
     if present is not None:
         kept = [n for n in names if n in present]
         if not kept:
@@ -190,8 +202,9 @@ def unsloth_load_kwargs(cfg: ModelConfig, model_name: str, gradient_checkpointin
     )
 
 
-def unsloth_peft_kwargs(cfg: ModelConfig, gradient_checkpointing: bool, seed: int,
-                        present: set[str] | None = None) -> dict[str, Any]:
+def unsloth_peft_kwargs(
+    cfg: ModelConfig, gradient_checkpointing: bool, seed: int, present: set[str] | None = None
+) -> dict[str, Any]:
     """Keyword arguments for `FastLanguageModel.get_peft_model`.
 
     bias 'none' and dropout 0 (the recipe default) keep Unsloth's fused LoRA kernels in use;

@@ -38,8 +38,11 @@ def cmd_validate(args) -> int:
     recipe = _load(args)
     if args.print:
         print(dump_recipe(recipe), end="")
-    print(f"ok: {args.recipe} is a valid recipe (method {recipe.method.name}, teacher {recipe.teacher.kind}, "
-          f"model {recipe.model.name})", file=sys.stderr)
+    print(
+        f"ok: {args.recipe} is a valid recipe (method {recipe.method.name}, teacher {recipe.teacher.kind}, "
+        f"model {recipe.model.name})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -68,11 +71,21 @@ def _print_before_after(run) -> None:
     from .evaluate import format_table
 
     ev = read_eval(run)
-    rows = {label: {k: v for k, v in ev[label].items() if isinstance(v, dict)} for label in ("before", "after")
-            if label in ev}
+    labels = {"before": "before", "teacher": "teacher (demo in prompt, before)", "after": "after"}
+    rows = {
+        shown: {k: v for k, v in ev[label].items() if isinstance(v, dict)}
+        for label, shown in labels.items()
+        if label in ev
+    }
     if rows:
         print(f"\naccuracy on the eval sets (greedy, {run.eval_file}):")
         print(format_table(rows))
+        if "teacher" in ev and "new_task" in ev.get("before", {}):
+            from .evaluate import verdict
+
+            print(
+                f"before training: {verdict(ev['before']['new_task']['accuracy'], ev['teacher']['new_task']['accuracy'])}"
+            )
 
 
 def cmd_eval(args) -> int:
@@ -147,15 +160,22 @@ def cmd_export(args) -> int:
     from .config import ModelConfig
     from .runs import RunFolder
 
-    run = RunFolder(args.run if os.path.sep in args.run or os.path.isdir(args.run) else os.path.join(args.runs_dir, args.run))
+    run = RunFolder(
+        args.run
+        if os.path.sep in args.run or os.path.isdir(args.run)
+        else os.path.join(args.runs_dir, args.run)
+    )
     if not (run.adapter / "adapter_config.json").is_file():
         return _err(f"no adapter in {run.path}: train the run first")
-    model = ModelConfig.model_validate({**yaml.safe_load(run.recipe.read_text(encoding="utf-8"))["model"],
-                                        "backend": "unsloth"})
+    model = ModelConfig.model_validate(
+        {**yaml.safe_load(run.recipe.read_text(encoding="utf-8"))["model"], "backend": "unsloth"}
+    )
     activate_backend(model)  # BackendError (user error) without CUDA or unsloth
     from .unsloth_backend import export_adapter
 
-    out = export_adapter(run.adapter, args.out or run.path / f"export-{args.kind}", model, args.kind, args.quantization)
+    out = export_adapter(
+        run.adapter, args.out or run.path / f"export-{args.kind}", model, args.kind, args.quantization
+    )
     print(f"exported {args.kind} to {out}", file=sys.stderr)
     return 0
 
@@ -176,7 +196,11 @@ def cmd_keys(args) -> int:
 def cmd_stop(args) -> int:
     from .runs import RunFolder
 
-    run = RunFolder(args.run if os.path.sep in args.run or os.path.isdir(args.run) else os.path.join(args.runs_dir, args.run))
+    run = RunFolder(
+        args.run
+        if os.path.sep in args.run or os.path.isdir(args.run)
+        else os.path.join(args.runs_dir, args.run)
+    )
     if not run.status_file.exists():
         return _err(f"no run at {run.path} (expected a status.json there)")
     state = run.read_status().get("state")
@@ -217,8 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def recipe_args(sp):
         sp.add_argument("recipe", help="recipe YAML file")
-        sp.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override recipe keys, e.g. train.max_steps=10 teacher.kind=base")
+        sp.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key.sub=value",
+            help="override recipe keys, e.g. train.max_steps=10 teacher.kind=base",
+        )
 
     sp = sub.add_parser("train", help="train per a recipe; writes runs/<name>/")
     recipe_args(sp)
@@ -226,24 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     sp.add_argument("--name", help="run name (same as output.name=...)")
-    sp.add_argument("--force", action="store_true",
-                    help="start even when the memory plan says the run does not fit the visible GPU")
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="start even when the memory plan says the run does not fit the visible GPU",
+    )
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("plan", help="estimate a recipe's peak GPU memory and whether it fits 8/12/16/24 GB")
     recipe_args(sp)
-    sp.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="plan for a GPU (default, on any machine) or for CPU training")
+    sp.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="plan for a GPU (default, on any machine) or for CPU training",
+    )
     sp.set_defaults(func=cmd_plan)
 
-    sp = sub.add_parser("doctor", help="check Python, torch/CUDA/GPU, packages, bitsandbytes 4-bit and the backend")
+    sp = sub.add_parser(
+        "doctor", help="check Python, torch/CUDA/GPU, packages, bitsandbytes 4-bit and the backend"
+    )
     sp.set_defaults(func=cmd_doctor)
 
-    sp = sub.add_parser("export", help="merge a run's adapter into the base model: 16-bit or GGUF (needs unsloth)")
+    sp = sub.add_parser(
+        "export", help="merge a run's adapter into the base model: 16-bit or GGUF (needs unsloth)"
+    )
     sp.add_argument("run", help="run name (under --runs-dir) or run folder path")
     sp.add_argument("--runs-dir", default="runs")
     sp.add_argument("--kind", choices=("merged_16bit", "gguf"), default="merged_16bit")
-    sp.add_argument("--quantization", default="q4_k_m", help="GGUF quantization (llama.cpp names): q4_k_m, q8_0, f16...")
+    sp.add_argument(
+        "--quantization", default="q4_k_m", help="GGUF quantization (llama.cpp names): q4_k_m, q8_0, f16..."
+    )
     sp.add_argument("--out", help="output folder (default: <run>/export-<kind>)")
     sp.set_defaults(func=cmd_export)
 
@@ -252,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--print", action="store_true", help="print the resolved recipe with all defaults")
     sp.set_defaults(func=cmd_validate)
 
-    sp = sub.add_parser("eval", help="evaluate a run's adapter (or a model) on a recipe's eval sets and probes")
+    sp = sub.add_parser(
+        "eval", help="evaluate a run's adapter (or a model) on a recipe's eval sets and probes"
+    )
     sp.add_argument("target", help="run name or folder (uses its adapter), or a model name/folder")
     recipe_args(sp)
     sp.add_argument("--runs-dir", default="runs")
@@ -285,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from app.__main__ import add_arguments  # argparse only: gradio is imported when the app starts
 
-    sp = sub.add_parser("ui", help="open the app: launch, watch, stop, resume, compare and try runs in a browser")
+    sp = sub.add_parser(
+        "ui", help="open the app: launch, watch, stop, resume, compare and try runs in a browser"
+    )
     add_arguments(sp)
     sp.set_defaults(func=cmd_ui)
     return p

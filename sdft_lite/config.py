@@ -68,13 +68,16 @@ class ModelConfig(Section):
         description="'hf' = transformers + PEFT + bitsandbytes (any device, CPU included); 'unsloth' = Unsloth kernels (NVIDIA GPU); 'auto' picks unsloth when CUDA and unsloth are available, else hf.",
     )
     load_in_4bit: bool = Field(
-        True, description="Load the base weights in 4-bit NF4 (bitsandbytes). The LoRA adapter stays in higher precision."
+        True,
+        description="Load the base weights in 4-bit NF4 (bitsandbytes). The LoRA adapter stays in higher precision.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Compute dtype. 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.",
     )
-    max_seq_length: int = Field(2048, ge=16, description="Longest teacher prompt + completion the model will see.")
+    max_seq_length: int = Field(
+        2048, ge=16, description="Longest teacher prompt + completion the model will see."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
@@ -97,7 +100,8 @@ class DataConfig(Section):
         None, description="Optional column with a reference answer, used only for evaluation."
     )
     system_prompt: str | None = Field(
-        None, description="System message added to string prompts (both student and teacher) when a chat template is used."
+        None,
+        description="System message added to string prompts (both student and teacher) when a chat template is used.",
     )
     teacher_template: str = Field(
         PAPER_TEACHER_TEMPLATE,
@@ -111,7 +115,9 @@ class DataConfig(Section):
         default_factory=dict,
         description="Extra arguments to apply_chat_template for both sides (e.g. {enable_thinking: false}).",
     )
-    max_prompt_tokens: int = Field(512, ge=1, description="Longest student prompt in tokens; longer rows are bad rows.")
+    max_prompt_tokens: int = Field(
+        512, ge=1, description="Longest student prompt in tokens; longer rows are bad rows."
+    )
     max_teacher_prompt_tokens: int = Field(
         1024,
         ge=1,
@@ -121,13 +127,23 @@ class DataConfig(Section):
         "error",
         description="Rows with a missing/empty prompt or demonstration, or a too-long prompt: 'error' stops with the row numbers, 'skip' drops them and reports which.",
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N training rows (after bad-row handling and the eval split).")
-    eval_source: str | None = Field(
-        None, description="Held-out evaluation data (same formats as source). Leave empty to use eval_fraction."
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Use only the first N training rows (after bad-row handling and the eval split).",
     )
-    eval_split: str = Field("test", description="Split of eval_source to use when it is a Hub dataset or a saved DatasetDict.")
+    eval_source: str | None = Field(
+        None,
+        description="Held-out evaluation data (same formats as source). Leave empty to use eval_fraction.",
+    )
+    eval_split: str = Field(
+        "test", description="Split of eval_source to use when it is a Hub dataset or a saved DatasetDict."
+    )
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Fraction of source held out for evaluation when eval_source is empty."
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of source held out for evaluation when eval_source is empty.",
     )
 
 
@@ -144,7 +160,10 @@ class TeacherConfig(Section):
         description="'base' = the initial model (adapter off), 'live' = the current student, 'ema' = a moving average of the student's adapter (the paper's choice).",
     )
     ema_rate: float = Field(
-        0.01, gt=0.0, le=1.0, description="EMA update rate: teacher <- (1 - rate) * teacher + rate * student. Paper: 0.01."
+        0.01,
+        gt=0.0,
+        le=1.0,
+        description="EMA update rate: teacher <- (1 - rate) * teacher + rate * student. Paper: 0.01.",
     )
     sync_steps: int = Field(1, ge=1, description="Update the EMA teacher every N optimizer steps.")
     model: str | None = Field(
@@ -158,7 +177,9 @@ class LossConfig(Section):
         "forward",
         description="'forward' = KL(teacher || student) (the paper's runs), 'reverse' = KL(student || teacher), 'jsd' = generalized Jensen-Shannon with alpha.",
     )
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixing: 0 = forward KL, 1 = reverse KL. Only for jsd.")
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="JSD mixing: 0 = forward KL, 1 = reverse KL. Only for jsd."
+    )
     support: Literal["full", "topk", "sampled"] = Field(
         "full",
         description="Tokens the divergence runs over: the full vocabulary, the top-k tokens, or only the sampled token (reverse KL only).",
@@ -168,7 +189,8 @@ class LossConfig(Section):
         "student", description="Whose top-k tokens define the support."
     )
     add_tail: bool = Field(
-        True, description="topk: add one bucket for the remaining probability mass (else renormalise the top-k)."
+        True,
+        description="topk: add one bucket for the remaining probability mass (else renormalise the top-k).",
     )
     skip_first_tokens: int = Field(
         3, ge=0, description="Leave the first N completion tokens out of the loss (the paper's code drops 3)."
@@ -207,9 +229,13 @@ class TrainConfig(Section):
         None, ge=1, description="Optimizer steps to train. Empty = run num_epochs over the data."
     )
     num_epochs: float = Field(1.0, gt=0.0, description="Passes over the data when max_steps is empty.")
-    batch_size: int = Field(4, ge=1, description="Prompts per micro-batch (each gives num_generations completions).")
+    batch_size: int = Field(
+        4, ge=1, description="Prompts per micro-batch (each gives num_generations completions)."
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward to save memory."
+    )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = Field(
         "adamw_torch", description="Optimizer (8-bit ones need bitsandbytes and a GPU)."
     )
@@ -217,10 +243,14 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
     logging_steps: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
-    sample_steps: int = Field(10, ge=1, description="Write example completions to samples.jsonl every N steps.")
+    sample_steps: int = Field(
+        10, ge=1, description="Write example completions to samples.jsonl every N steps."
+    )
     save_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints (empty = all).")
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (empty = only before and after).")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps (empty = only before and after)."
+    )
     report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = Field(
         default_factory=lambda: ["none"], description="Experiment trackers to log to, when installed."
     )
@@ -245,12 +275,17 @@ class EvalConfig(Section):
         description="How a completion is judged against the reference answer: exact, normalized (case/space/punctuation-insensitive), contains, regex (the answer is a pattern searched in the completion), numeric (last number equals the answer), or 'module:function' (a Python function you write: fn(completion, answer, example) -> bool or float; it runs your code).",
     )
     extract: str | None = Field(
-        None, description="Regex applied to each completion before scoring; its first group (or whole match) is scored."
+        None,
+        description="Regex applied to each completion before scoring; its first group (or whole match) is scored.",
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest answer generated during evaluation (greedy).")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch during evaluation.")
     limit: int | None = Field(None, ge=1, description="Evaluate at most N rows of each set (empty = all).")
     before: bool = Field(True, description="Evaluate before training (the baseline row of the table).")
+    teacher: bool = Field(
+        True,
+        description="Before training, also score the teacher (question + demonstration in the prompt) on the new-task set: the 'teacher' row shows whether the demonstration helps this model, i.e. whether SDFT has a signal.",
+    )
     after: bool = Field(True, description="Evaluate after training.")
     probes: list[ProbeConfig] = Field(
         default_factory=list,
@@ -306,7 +341,9 @@ def cross_field_problems(r: Recipe) -> list[str]:
     if r.data.eval_source and r.data.eval_fraction > 0:
         p.append("data.eval_source and data.eval_fraction are both set: use one of them")
     if r.data.max_teacher_prompt_tokens < r.data.max_prompt_tokens:
-        p.append("data.max_teacher_prompt_tokens must be >= data.max_prompt_tokens (the teacher prompt contains the prompt)")
+        p.append(
+            "data.max_teacher_prompt_tokens must be >= data.max_prompt_tokens (the teacher prompt contains the prompt)"
+        )
     if r.data.max_teacher_prompt_tokens + r.generation.max_new_tokens > r.model.max_seq_length:
         p.append(
             f"data.max_teacher_prompt_tokens ({r.data.max_teacher_prompt_tokens}) + generation.max_new_tokens "
@@ -366,7 +403,9 @@ def _format_error(err: dict) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (['a', 'b'], value parsed as YAML, so numbers/bools/lists work)."""
     if "=" not in text:
-        raise RecipeError([f"override '{text}' must look like key.sub=value (e.g. train.max_steps=10)"], "command line")
+        raise RecipeError(
+            [f"override '{text}' must look like key.sub=value (e.g. train.max_steps=10)"], "command line"
+        )
     key, _, raw = text.partition("=")
     key = key.strip()
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
@@ -398,13 +437,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def validate_dict(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
-        raise RecipeError([f"the top level must be a mapping of sections (model:, data:, ...), got {type(data).__name__}"], source)
+        raise RecipeError(
+            [f"the top level must be a mapping of sections (model:, data:, ...), got {type(data).__name__}"],
+            source,
+        )
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            problems.extend(_format_error(err).split("; ") if err["type"] == "value_error" and not err["loc"] else [_format_error(err)])
+            problems.extend(
+                _format_error(err).split("; ")
+                if err["type"] == "value_error" and not err["loc"]
+                else [_format_error(err)]
+            )
         raise RecipeError(problems, source) from None
 
 
@@ -421,7 +467,9 @@ def read_yaml(path: str | Path) -> dict:
     return data if data is not None else {}
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None, data: dict | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path | None, overrides: list[str] | None = None, data: dict | None = None
+) -> Recipe:
     """Read, override, resolve and validate a recipe. Raises RecipeError listing all problems."""
     source = str(path) if path else "recipe"
     raw = read_yaml(path) if path is not None else dict(data or {})

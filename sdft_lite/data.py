@@ -312,7 +312,9 @@ def _convert(rows: list[dict], cfg: DataConfig) -> tuple[list[Example], list[tup
             prompt = parse_prompt(rec.get(cfg.prompt_column), cfg.prompt_column)
             demo = parse_text(rec.get(cfg.demonstration_column), cfg.demonstration_column, required=True)
             answer = (
-                parse_text(rec.get(cfg.answer_column), cfg.answer_column, False) if cfg.answer_column else None
+                parse_text(rec.get(cfg.answer_column), cfg.answer_column, False)
+                if cfg.answer_column
+                else None
             )
             good.append(Example(row_no, prompt, demo, answer))
         except BadRow as e:

@@ -66,7 +66,13 @@ def package_rows(cuda: bool = False) -> list[Row]:
         if version is None:
             rows.append((dist, "not installed", "missing: pip install sdft-lite"))
         elif dist in ranges and not _in_range(version, ranges[dist]):
-            rows.append((dist, version, f'warn: sdft-lite is tested with {dist}{ranges[dist]}: pip install "{dist}{ranges[dist]}"'))
+            rows.append(
+                (
+                    dist,
+                    version,
+                    f'warn: sdft-lite is tested with {dist}{ranges[dist]}: pip install "{dist}{ranges[dist]}"',
+                )
+            )
         else:
             rows.append((dist, version, OK))
     for dist, (fix, what) in OPTIONAL.items():
@@ -74,7 +80,9 @@ def package_rows(cuda: bool = False) -> list[Row]:
         if version is None and dist == "unsloth" and not cuda:
             rows.append((dist, "not installed (only used on NVIDIA GPUs)", OK))
         else:
-            rows.append((dist, version or "not installed", OK if version else f"warn: optional, for {what}: {fix}"))
+            rows.append(
+                (dist, version or "not installed", OK if version else f"warn: optional, for {what}: {fix}")
+            )
     return rows
 
 
@@ -84,13 +92,20 @@ def gpu_rows() -> list[Row]:
 
     if not torch.cuda.is_available():
         build = f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'no'}"
-        return [("cuda", f"not available ({build})",
-                 "warn: training runs on the CPU (slow). On an NVIDIA machine install a CUDA build of torch: "
-                 "https://pytorch.org/get-started/locally/")]
+        return [
+            (
+                "cuda",
+                f"not available ({build})",
+                "warn: training runs on the CPU (slow). On an NVIDIA machine install a CUDA build of torch: "
+                "https://pytorch.org/get-started/locally/",
+            )
+        ]
     rows = [("cuda", f"available (CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU)", OK)]
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        rows.append((f"gpu {i}", f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}", OK))
+        rows.append(
+            (f"gpu {i}", f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}", OK)
+        )
     return rows
 
 
@@ -121,12 +136,22 @@ def bnb_4bit_row() -> Row:
         with torch.no_grad():
             err = ((q(x) - ref(x)).norm() / ref(x).norm()).item()
         if not q.weight.dtype == torch.uint8 or not err < 0.25:  # NF4 error on random weights is ~0.1
-            return "bitsandbytes 4-bit", f"wrong result on {device} (relative error {err:.2f})", (
-                "warn: set model.load_in_4bit: false, or reinstall bitsandbytes: pip install -U 'bitsandbytes>=0.50,<0.51'")
+            return (
+                "bitsandbytes 4-bit",
+                f"wrong result on {device} (relative error {err:.2f})",
+                (
+                    "warn: set model.load_in_4bit: false, or reinstall bitsandbytes: pip install -U 'bitsandbytes>=0.50,<0.51'"
+                ),
+            )
         return "bitsandbytes 4-bit", f"works on {device} (NF4 relative error {err:.2f})", OK
     except Exception as e:
-        return "bitsandbytes 4-bit", f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", (
-            "warn: set model.load_in_4bit: false, or reinstall bitsandbytes: pip install -U 'bitsandbytes>=0.50,<0.51'")
+        return (
+            "bitsandbytes 4-bit",
+            f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}",
+            (
+                "warn: set model.load_in_4bit: false, or reinstall bitsandbytes: pip install -U 'bitsandbytes>=0.50,<0.51'"
+            ),
+        )
 
 
 def backend_row() -> Row:

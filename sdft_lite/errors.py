@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-USER_ERRORS = ("RecipeError", "DataError", "PromptError", "ModelLoadError", "RunExistsError", "TrainError",
-               "BackendError", "PlanError")
+USER_ERRORS = (
+    "RecipeError",
+    "DataError",
+    "PromptError",
+    "ModelLoadError",
+    "RunExistsError",
+    "TrainError",
+    "BackendError",
+    "PlanError",
+)
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -16,8 +24,16 @@ def describe_failure(e: BaseException) -> tuple[str, str | None]:
         return "interrupted", "resume with: sdft-lite train <recipe> --resume"
     text = str(e).strip() or type(e).__name__
     if is_user_error(e):
-        return text, "fix the recipe or data as the error says, then run again (add --overwrite to reuse the run name)"
+        return (
+            text,
+            "fix the recipe or data as the error says, then run again (add --overwrite to reuse the run name)",
+        )
     if "out of memory" in text.lower():
-        return text, ("out of memory: lower train.batch_size or generation.max_new_tokens, raise "
-                      "train.gradient_accumulation_steps, set model.load_in_4bit: true, or lower loss.chunk_budget_mb")
-    return f"{type(e).__name__}: {text}", "unexpected error: see train.log in the run folder for the traceback"
+        return text, (
+            "out of memory: lower train.batch_size or generation.max_new_tokens, raise "
+            "train.gradient_accumulation_steps, set model.load_in_4bit: true, or lower loss.chunk_budget_mb"
+        )
+    return (
+        f"{type(e).__name__}: {text}",
+        "unexpected error: see train.log in the run folder for the traceback",
+    )

@@ -279,8 +279,9 @@ def chunked_distillation_loss(
         return _token_losses(student_head(s_h).float(), teacher_logits(t_h), tgt, spec)
 
     if frozen_head and torch.is_grad_enabled() and student_hidden.requires_grad:
-        return _fused_loss(student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec,
-                           old_logprobs, rows)
+        return _fused_loss(
+            student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec, old_logprobs, rows
+        )
 
     losses, logps_s, logps_t = [], [], []
     # split (not slicing in a loop): one SplitBackward gathers the chunk grads into a single
@@ -313,15 +314,55 @@ class _PrecomputedGrad(torch.autograd.Function):
         return (grad_out.unsqueeze(-1) * row_grads).to(row_grads.dtype), None, None
 
 
-def _fused_loss(student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec, old_logprobs,
-                rows) -> LossOutput:
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b, -1) for real [n, V] tensors (measured on CPU: 5x faster than bmm or einsum)."""
+    return torch.linalg.vecdot(a, b)
+
+
+def _forward_kl_closed_form(
+    h: Tensor, student_head, t: Tensor, tgt: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Full-vocabulary forward KL of one chunk with its gradient in closed form.
+
+    KL(p_t || p_s) = sum p_t log p_t - sum p_t log p_s, and d KL / d student_logits = p_s - p_t,
+    so the gradient w.r.t. the hidden states is one backward through the head with that as the
+    upstream gradient: no autograd graph over the [n, V] softmax. The [n, V] work is two
+    log_softmax passes, two exps (one in place), one subtraction in place and two row dots, and
+    at most three [n, V] tensors are alive. Returns (loss, d loss / d h, log p_s(tgt), log p_t(tgt)).
+    """
+    tgt = tgt.unsqueeze(-1)
+    with torch.no_grad():
+        logp_t = torch.log_softmax(t, dim=-1)
+        del t
+        tok_t = logp_t.gather(-1, tgt).squeeze(-1)
+        p_t = logp_t.exp()
+        neg_entropy = _rowdot(p_t, logp_t)
+        del logp_t
+    s = student_head(h).float()
+    with torch.no_grad():
+        logp_s = torch.log_softmax(s, dim=-1)
+        tok_s = logp_s.gather(-1, tgt).squeeze(-1)
+        loss = neg_entropy - _rowdot(p_t, logp_s)
+        grad_logits = logp_s.exp_().sub_(p_t)  # p_s - p_t, in logp_s's memory
+        del p_t
+    (grad_h,) = torch.autograd.grad(s, h, grad_outputs=grad_logits)
+    return loss, grad_h, tok_s, tok_t
+
+
+def _fused_loss(
+    student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec, old_logprobs, rows
+) -> LossOutput:
+    closed_form = spec.support == "full" and _effective_divergence(spec) == "forward"
     losses, grads, logps_s, logps_t = [], [], [], []
     for s_h, t_h, tgt in zip(
         student_hidden.split(rows), teacher_hidden.split(rows), target_ids.split(rows), strict=True
     ):
         h = s_h.detach().requires_grad_(True)
-        loss, logp_s, logp_t = _token_losses(student_head(h).float(), teacher_logits(t_h), tgt, spec)
-        (g,) = torch.autograd.grad(loss.sum(), h)
+        if closed_form:
+            loss, g, logp_s, logp_t = _forward_kl_closed_form(h, student_head, teacher_logits(t_h), tgt)
+        else:
+            loss, logp_s, logp_t = _token_losses(student_head(h).float(), teacher_logits(t_h), tgt, spec)
+            (g,) = torch.autograd.grad(loss.sum(), h)
         losses.append(loss.detach())
         grads.append(g)
         logps_s.append(logp_s)

@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 
 STUDENT_ADAPTER = "default"
 # Tokens that end an assistant turn in common chat templates; added to the EOS set when present.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+)
 
 
 class ModelLoadError(Exception):
@@ -145,7 +153,9 @@ def load_student(cfg: ModelConfig, gradient_checkpointing: bool, seed: int) -> L
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora, adapter_name=STUDENT_ADAPTER)
-    return LoadedModel(model, tokenizer, device, dtype, eos_token_ids(tokenizer, model), tokenizer.pad_token_id)
+    return LoadedModel(
+        model, tokenizer, device, dtype, eos_token_ids(tokenizer, model), tokenizer.pad_token_id
+    )
 
 
 def load_frozen(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -186,7 +196,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def decoder_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def decoder_hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Final (post-norm) hidden states [B, L, H] without computing any logits."""
     decoder = causal_lm(model).get_decoder()
     out = decoder(

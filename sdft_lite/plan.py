@@ -80,8 +80,16 @@ class Arch:
         layers = first("num_hidden_layers", "n_layer", "num_layers")
         heads = first("num_attention_heads", "n_head")
         vocab = first("vocab_size")
-        missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
-                                  ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
+        missing = [
+            k
+            for k, v in (
+                ("hidden_size", hidden),
+                ("num_hidden_layers", layers),
+                ("num_attention_heads", heads),
+                ("vocab_size", vocab),
+            )
+            if v is None
+        ]
         if missing:
             raise PlanError(f"config.json lacks {', '.join(missing)}: cannot estimate memory for this model")
         experts = first("num_experts", "num_local_experts", "n_routed_experts", default=1) or 1
@@ -91,8 +99,11 @@ class Arch:
             heads=heads,
             kv_heads=first("num_key_value_heads", default=heads),
             head_dim=first("head_dim", default=hidden // heads),
-            intermediate=(first("moe_intermediate_size", "intermediate_size") if experts > 1
-                          else first("intermediate_size", "n_inner", default=4 * hidden)),
+            intermediate=(
+                first("moe_intermediate_size", "intermediate_size")
+                if experts > 1
+                else first("intermediate_size", "n_inner", default=4 * hidden)
+            ),
             vocab=vocab,
             # transformers' own default is True, but assuming a separate lm_head errs on the safe side.
             tied=bool(first("tie_word_embeddings", default=False)),
@@ -103,9 +114,21 @@ class Arch:
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one layer (one expert for the MLP ones)."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        h, q, kv, i = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        )
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def copies(self, name: str) -> int:
         return self.experts if name in ("gate_proj", "up_proj", "down_proj") else 1
@@ -129,7 +152,9 @@ class Arch:
 
     def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
         shapes = self.projection_shapes()
-        return self.layers * sum(r * (shapes[n][0] + shapes[n][1]) * self.copies(n) for n in targets if n in shapes)
+        return self.layers * sum(
+            r * (shapes[n][0] + shapes[n][1]) * self.copies(n) for n in targets if n in shapes
+        )
 
 
 @dataclass(frozen=True)
@@ -163,14 +188,26 @@ class Settings:
         dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(m.dtype, 2 if device == "cuda" else 4)
         targets = PROJECTIONS if m.lora.target_modules == "all-linear" else tuple(m.lora.target_modules)
         return cls(
-            device=device, backend=backend or ("hf" if m.backend == "auto" else m.backend), method=recipe.method.name,
-            dtype_bytes=dtype_bytes, load_in_4bit=m.load_in_4bit, lora_r=m.lora.r, targets=targets,
-            batch_size=t.batch_size, num_generations=g.num_generations, max_prompt_tokens=d.max_prompt_tokens,
-            max_teacher_prompt_tokens=d.max_teacher_prompt_tokens, max_new_tokens=g.max_new_tokens,
-            gradient_checkpointing=t.gradient_checkpointing, teacher_kind=recipe.teacher.kind,
-            external_teacher=bool(recipe.teacher.model), optimizer=t.optimizer,
-            chunk_budget_mb=recipe.loss.chunk_budget_mb, divergence=recipe.loss.divergence,
-            alpha=recipe.loss.alpha, support=recipe.loss.support,
+            device=device,
+            backend=backend or ("hf" if m.backend == "auto" else m.backend),
+            method=recipe.method.name,
+            dtype_bytes=dtype_bytes,
+            load_in_4bit=m.load_in_4bit,
+            lora_r=m.lora.r,
+            targets=targets,
+            batch_size=t.batch_size,
+            num_generations=g.num_generations,
+            max_prompt_tokens=d.max_prompt_tokens,
+            max_teacher_prompt_tokens=d.max_teacher_prompt_tokens,
+            max_new_tokens=g.max_new_tokens,
+            gradient_checkpointing=t.gradient_checkpointing,
+            teacher_kind=recipe.teacher.kind,
+            external_teacher=bool(recipe.teacher.model),
+            optimizer=t.optimizer,
+            chunk_budget_mb=recipe.loss.chunk_budget_mb,
+            divergence=recipe.loss.divergence,
+            alpha=recipe.loss.alpha,
+            support=recipe.loss.support,
         )
 
 
@@ -213,8 +250,13 @@ class Plan:
         return suggest(self, gb * GiB * USABLE_FRACTION)
 
 
-def estimate(recipe, model_config: dict | Any, device: str = "cuda", backend: str | None = None,
-             model_name: str | None = None) -> Plan:
+def estimate(
+    recipe,
+    model_config: dict | Any,
+    device: str = "cuda",
+    backend: str | None = None,
+    model_name: str | None = None,
+) -> Plan:
     """Peak memory of one training step of `recipe` on `device`, from the model's config alone."""
     arch = Arch.from_config(model_config)
     return _estimate(arch, Settings.from_recipe(recipe, device, backend), model_name or recipe.model.name)
@@ -223,8 +265,11 @@ def estimate(recipe, model_config: dict | Any, device: str = "cuda", backend: st
 def _estimate(arch: Arch, s: Settings, model_name: str) -> Plan:
     components = _static(arch, s) + _rollout_and_teacher(arch, s) + _student(arch, s)
     if s.device == "cuda":
-        components.append(Component("CUDA context and workspaces", CUDA_CONTEXT_BYTES, "overhead",
-                                    "outside PyTorch's allocator"))
+        components.append(
+            Component(
+                "CUDA context and workspaces", CUDA_CONTEXT_BYTES, "overhead", "outside PyTorch's allocator"
+            )
+        )
     return Plan(model_name, arch, s, components)
 
 
@@ -232,24 +277,57 @@ def _static(arch: Arch, s: Settings) -> list[Component]:
     """What stays allocated for the whole run: weights, adapter(s), gradients, optimizer states."""
     db = s.dtype_bytes
     if s.load_in_4bit:
-        out = [Component("base weights: decoder linears", int(arch.linear_params * NF4_BYTES_PER_PARAM), "static",
-                         f"{arch.linear_params / 1e6:.0f}M params in 4-bit NF4 (+ double-quant scales)")]
+        out = [
+            Component(
+                "base weights: decoder linears",
+                int(arch.linear_params * NF4_BYTES_PER_PARAM),
+                "static",
+                f"{arch.linear_params / 1e6:.0f}M params in 4-bit NF4 (+ double-quant scales)",
+            )
+        ]
     else:
-        out = [Component("base weights: decoder linears", arch.linear_params * db, "static",
-                         f"{arch.linear_params / 1e6:.0f}M params x {db} bytes")]
-    out.append(Component("base weights: embeddings, head, norms", arch.other_params * db, "static",
-                         f"{arch.other_params / 1e6:.0f}M params x {db} bytes (never quantized)"
-                         + ("" if arch.tied else "; untied lm_head")))
+        out = [
+            Component(
+                "base weights: decoder linears",
+                arch.linear_params * db,
+                "static",
+                f"{arch.linear_params / 1e6:.0f}M params x {db} bytes",
+            )
+        ]
+    out.append(
+        Component(
+            "base weights: embeddings, head, norms",
+            arch.other_params * db,
+            "static",
+            f"{arch.other_params / 1e6:.0f}M params x {db} bytes (never quantized)"
+            + ("" if arch.tied else "; untied lm_head"),
+        )
+    )
     if s.external_teacher:
-        out.append(Component("external teacher weights", sum(c.bytes for c in out), "static",
-                             "teacher.model, assumed the size of the student"))
+        out.append(
+            Component(
+                "external teacher weights",
+                sum(c.bytes for c in out),
+                "static",
+                "teacher.model, assumed the size of the student",
+            )
+        )
     lora = arch.lora_params(s.lora_r, s.targets)
     opt = OPTIMIZER_STATE_BYTES.get(s.optimizer, 8)
-    out.append(Component("LoRA adapter + grads + optimizer", lora * (8 + opt), "static",
-                         f"{lora / 1e6:.2f}M params x (4 weight + 4 grad + {opt} {s.optimizer}) bytes, fp32"))
+    out.append(
+        Component(
+            "LoRA adapter + grads + optimizer",
+            lora * (8 + opt),
+            "static",
+            f"{lora / 1e6:.2f}M params x (4 weight + 4 grad + {opt} {s.optimizer}) bytes, fp32",
+        )
+    )
     if s.method == "sdft" and s.teacher_kind == "ema" and not s.external_teacher:
-        out.append(Component("EMA teacher adapter + fp32 shadow", lora * 8, "static",
-                             "second adapter of the same shape"))
+        out.append(
+            Component(
+                "EMA teacher adapter + fp32 shadow", lora * 8, "static", "second adapter of the same shape"
+            )
+        )
     return out
 
 
@@ -265,14 +343,25 @@ def _rollout_and_teacher(arch: Arch, s: Settings) -> list[Component]:
     db, rows, seq = s.dtype_bytes, _rows(s), s.max_prompt_tokens + s.max_new_tokens
     t_tokens = rows * (s.max_teacher_prompt_tokens + s.max_new_tokens)
     return [
-        Component("rollout KV cache", 2 * arch.layers * arch.kv_heads * arch.head_dim * seq * rows * db, "rollout",
-                  f"2 x {arch.layers} layers x {arch.kv_heads} kv heads x {arch.head_dim} x {seq} tokens x "
-                  f"{rows} sequences x {db} bytes"),
-        Component("rollout: prefill layer + sampling logits",
-                  rows * s.max_prompt_tokens * _layer_working_set(arch, db) + 4 * rows * arch.vocab * 4, "rollout",
-                  "one layer's working set over the prompts; a few fp32 [sequences, vocab] tensors"),
-        Component("teacher forward (no grad)", t_tokens * (_layer_working_set(arch, db) + arch.hidden * db),
-                  "teacher", f"{t_tokens} tokens: one layer's working set + final hidden states"),
+        Component(
+            "rollout KV cache",
+            2 * arch.layers * arch.kv_heads * arch.head_dim * seq * rows * db,
+            "rollout",
+            f"2 x {arch.layers} layers x {arch.kv_heads} kv heads x {arch.head_dim} x {seq} tokens x "
+            f"{rows} sequences x {db} bytes",
+        ),
+        Component(
+            "rollout: prefill layer + sampling logits",
+            rows * s.max_prompt_tokens * _layer_working_set(arch, db) + 4 * rows * arch.vocab * 4,
+            "rollout",
+            "one layer's working set over the prompts; a few fp32 [sequences, vocab] tensors",
+        ),
+        Component(
+            "teacher forward (no grad)",
+            t_tokens * (_layer_working_set(arch, db) + arch.hidden * db),
+            "teacher",
+            f"{t_tokens} tokens: one layer's working set + final hidden states",
+        ),
     ]
 
 
@@ -291,11 +380,19 @@ def _student(arch: Arch, s: Settings) -> list[Component]:
         act = tokens * (arch.layers * arch.hidden * db + 2 * layer)
         detail = f"{tokens} tokens: {arch.layers} layer inputs + one layer recomputed with its grads"
     act += 2 * tokens * arch.hidden * db  # final hidden states and their gradient
-    out = [Component("student activations", act, "student", detail),
-           Component("loss chunks", _loss_bytes(arch.vocab, loss_tokens, s), "student",
-                     f"{loss_tokens} completion tokens, loss.chunk_budget_mb {s.chunk_budget_mb:g}")]
+    out = [
+        Component("student activations", act, "student", detail),
+        Component(
+            "loss chunks",
+            _loss_bytes(arch.vocab, loss_tokens, s),
+            "student",
+            f"{loss_tokens} completion tokens, loss.chunk_budget_mb {s.chunk_budget_mb:g}",
+        ),
+    ]
     if s.method == "sdft":
-        out.append(Component("teacher hidden states kept for the loss", loss_tokens * arch.hidden * db, "student"))
+        out.append(
+            Component("teacher hidden states kept for the loss", loss_tokens * arch.hidden * db, "student")
+        )
     return out
 
 
@@ -321,7 +418,9 @@ def _saved_per_token_layer(arch: Arch, s: Settings) -> int:
 def _loss_bytes(vocab: int, tokens: int, s: Settings) -> int:
     from .losses import LossSpec, rows_per_chunk
 
-    spec = LossSpec(divergence=s.divergence, alpha=s.alpha, support=s.support, chunk_budget_mb=s.chunk_budget_mb)
+    spec = LossSpec(
+        divergence=s.divergence, alpha=s.alpha, support=s.support, chunk_budget_mb=s.chunk_budget_mb
+    )
     rows = rows_per_chunk(vocab, spec)
     return int(s.chunk_budget_mb * MiB * min(1.0, tokens / rows))
 
@@ -344,8 +443,12 @@ def _what_ifs(s: Settings) -> list[tuple[str, Settings]]:
     if s.max_new_tokens > 32:
         out.append(("max_new_tokens", r(s, max_new_tokens=s.max_new_tokens // 2)))
     if s.max_teacher_prompt_tokens >= 2 * s.max_prompt_tokens and s.max_teacher_prompt_tokens > 64:
-        out.append(("max_teacher_prompt_tokens",
-                    r(s, max_teacher_prompt_tokens=max(s.max_prompt_tokens, s.max_teacher_prompt_tokens // 2))))
+        out.append(
+            (
+                "max_teacher_prompt_tokens",
+                r(s, max_teacher_prompt_tokens=max(s.max_prompt_tokens, s.max_teacher_prompt_tokens // 2)),
+            )
+        )
     if s.lora_r > 8:
         out.append(("lora_r", r(s, lora_r=s.lora_r // 2)))
     if s.teacher_kind == "ema" and s.method == "sdft":
@@ -357,11 +460,18 @@ def _what_ifs(s: Settings) -> list[tuple[str, Settings]]:
     return out
 
 
-RECIPE_KEYS = {"gradient_checkpointing": "train.gradient_checkpointing", "load_in_4bit": "model.load_in_4bit",
-               "batch_size": "train.batch_size", "num_generations": "generation.num_generations",
-               "max_new_tokens": "generation.max_new_tokens", "max_teacher_prompt_tokens": "data.max_teacher_prompt_tokens",
-               "lora_r": "model.lora.r", "teacher_kind": "teacher.kind", "optimizer": "train.optimizer",
-               "chunk_budget_mb": "loss.chunk_budget_mb"}
+RECIPE_KEYS = {
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "load_in_4bit": "model.load_in_4bit",
+    "batch_size": "train.batch_size",
+    "num_generations": "generation.num_generations",
+    "max_new_tokens": "generation.max_new_tokens",
+    "max_teacher_prompt_tokens": "data.max_teacher_prompt_tokens",
+    "lora_r": "model.lora.r",
+    "teacher_kind": "teacher.kind",
+    "optimizer": "train.optimizer",
+    "chunk_budget_mb": "loss.chunk_budget_mb",
+}
 
 
 def _describe(name: str, old: Settings, new: Settings) -> str:
@@ -369,7 +479,9 @@ def _describe(name: str, old: Settings, new: Settings) -> str:
     fmt = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
     text = f"{RECIPE_KEYS[name]}: {fmt(after)} (was {fmt(before)})"
     if name == "batch_size":
-        text += f"; multiply train.gradient_accumulation_steps by {before // after} to keep the effective batch"
+        text += (
+            f"; multiply train.gradient_accumulation_steps by {before // after} to keep the effective batch"
+        )
     if name == "teacher_kind":
         text += "; the base teacher needs no EMA adapter"
     return text
@@ -415,13 +527,19 @@ def load_model_config(name: str, revision: str | None = None) -> dict:
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text(encoding="utf-8"))
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise PlanError(f"config.json of '{name}' is not cached and HF_HUB_OFFLINE is set: "
-                        f"download it once with `hf download {name} config.json`")
+        raise PlanError(
+            f"config.json of '{name}' is not cached and HF_HUB_OFFLINE is set: "
+            f"download it once with `hf download {name} config.json`"
+        )
     try:
-        return json.loads(Path(hf_hub_download(name, "config.json", revision=revision)).read_text(encoding="utf-8"))
+        return json.loads(
+            Path(hf_hub_download(name, "config.json", revision=revision)).read_text(encoding="utf-8")
+        )
     except Exception as e:
-        raise PlanError(f"could not get config.json of '{name}' ({type(e).__name__}: {e}); "
-                        "give a local model folder or check the Hub id") from None
+        raise PlanError(
+            f"could not get config.json of '{name}' ({type(e).__name__}: {e}); "
+            "give a local model folder or check the Hub id"
+        ) from None
 
 
 def plan_recipe(recipe, device: str = "cuda") -> Plan:
@@ -482,6 +600,7 @@ def check_fits_visible_gpu(plan: Plan) -> str | None:
     steps = suggest(plan, free + plan.phase_bytes("overhead"))
     return (
         f"this recipe needs about {need / GiB:.1f} GiB of GPU memory but {torch.cuda.get_device_name()} has "
-        f"{free / GiB:.1f} GiB free of {total / GiB:.1f} GiB. Change: " + "; ".join(steps)
+        f"{free / GiB:.1f} GiB free of {total / GiB:.1f} GiB. Change: "
+        + "; ".join(steps)
         + ". See `sdft-lite plan <recipe>`; run with --force to try anyway."
     )

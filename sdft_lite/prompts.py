@@ -98,6 +98,34 @@ class PromptEncoder:
                 break
         return ids, True
 
+    def end_of_turn_id(self, eos_ids: list[int]) -> int:
+        """The token that ends an assistant answer: the first token of the EOS set that the chat
+        template writes after an assistant message (`<|im_end|>` for ChatML, `<|eot_id|>` for
+        Llama 3), else the tokenizer's eos token, else the first id of the EOS set."""
+        if self.use_chat:
+            marker = "\u2063sdft-answer\u2063"  # text no template rewrites
+            try:
+                text = self.tok.apply_chat_template(
+                    [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                    tokenize=False,
+                    **self.cfg.chat_template_kwargs,
+                )
+            except Exception:  # templates that refuse this conversation shape: fall back below
+                text = ""
+            if marker in text:
+                after = self.tok(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+                found = [i for i in after if i in eos_ids]
+                if found:
+                    return found[0]
+        if self.tok.eos_token_id is not None:
+            return self.tok.eos_token_id
+        return eos_ids[0]
+
+    def completion_ids(self, demonstration: str, eos_ids: list[int]) -> list[int]:
+        """The demonstration as the model should produce it after the generation prompt: its
+        tokens then the end-of-turn token (SFT's targets)."""
+        return self.tok(demonstration, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id(eos_ids)]
+
     # ------------------------------------------------------------------ examples
     def encode(self, examples: list) -> tuple[list[EncodedExample], list[tuple[int, str]]]:
         """Encode data.Example rows. Returns (encoded, bad) where bad = [(row, reason)]."""
@@ -105,14 +133,26 @@ class PromptEncoder:
         for ex in examples:
             s_ids = self.student_ids(ex.prompt)
             if len(s_ids) > self.cfg.max_prompt_tokens:
-                bad.append((ex.row, f"prompt is {len(s_ids)} tokens, over data.max_prompt_tokens={self.cfg.max_prompt_tokens}"))
+                bad.append(
+                    (
+                        ex.row,
+                        f"prompt is {len(s_ids)} tokens, over data.max_prompt_tokens={self.cfg.max_prompt_tokens}",
+                    )
+                )
                 continue
             t_ids, truncated = self.teacher_ids(ex.prompt, ex.demonstration)
             if len(t_ids) > self.cfg.max_teacher_prompt_tokens:
-                bad.append((ex.row, "teacher prompt does not fit data.max_teacher_prompt_tokens even without the demonstration"))
+                bad.append(
+                    (
+                        ex.row,
+                        "teacher prompt does not fit data.max_teacher_prompt_tokens even without the demonstration",
+                    )
+                )
                 continue
             encoded.append(
-                EncodedExample(ex.row, s_ids, t_ids, question_text(ex.prompt), ex.demonstration, ex.answer, truncated)
+                EncodedExample(
+                    ex.row, s_ids, t_ids, question_text(ex.prompt), ex.demonstration, ex.answer, truncated
+                )
             )
         return encoded, bad
 
@@ -124,8 +164,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 

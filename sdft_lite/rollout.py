@@ -30,7 +30,9 @@ def completion_lengths(completion_ids: torch.Tensor, eos_ids: list[int]) -> tupl
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     T = completion_ids.shape[1]
     has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, T - 1, dtype=torch.long))
+    first = torch.where(
+        has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, T - 1, dtype=torch.long)
+    )
     return first + 1, ~has_eos
 
 
@@ -82,8 +84,18 @@ def generate_rollouts(
     # Unsloth: its fast-inference mode for the call (training mode and checkpointing restored
     # after) and its own fast generate; its decode path keeps its own KV cache format.
     with rollout_context(model):
-        completion, logprobs = _sample(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy,
-                                       num_samples, engine="generate" if backend_of(model) == "unsloth" else cfg.engine)
+        completion, logprobs = _sample(
+            model,
+            prompt_ids,
+            prompt_mask,
+            cfg,
+            eos_ids,
+            pad_id,
+            record_logprobs,
+            greedy,
+            num_samples,
+            engine="generate" if backend_of(model) == "unsloth" else cfg.engine,
+        )
     if completion.shape[1] == 0:  # nothing generated at all (degenerate max_new_tokens)
         completion = torch.full((completion.shape[0], 1), pad_id, dtype=torch.long, device=prompt_ids.device)
         logprobs = torch.zeros(completion.shape, device=prompt_ids.device) if logprobs is not None else None
@@ -93,7 +105,9 @@ def generate_rollouts(
     return Rollout(completion, mask, lengths, clipped, logprobs if record_logprobs else None)
 
 
-def _sample(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy, num_samples, engine):
+def _sample(
+    model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy, num_samples, engine
+):
     was_training = model.training
     model.eval()  # dropout off; KV cache on
     try:
@@ -101,13 +115,29 @@ def _sample(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprob
             from .sampling import sample_completions
 
             completion, logprobs = sample_completions(
-                model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                num_samples=num_samples, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
+                model,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_ids=eos_ids,
+                pad_id=pad_id,
+                num_samples=num_samples,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                greedy=greedy,
             )
         else:
-            completion, logprobs = _hf_generate(model, prompt_ids.repeat_interleave(num_samples, 0),
-                                                prompt_mask.repeat_interleave(num_samples, 0), cfg, eos_ids, pad_id,
-                                                record_logprobs, greedy)
+            completion, logprobs = _hf_generate(
+                model,
+                prompt_ids.repeat_interleave(num_samples, 0),
+                prompt_mask.repeat_interleave(num_samples, 0),
+                cfg,
+                eos_ids,
+                pad_id,
+                record_logprobs,
+                greedy,
+            )
     finally:
         model.train(was_training)
     return completion, logprobs
@@ -130,13 +160,20 @@ def _hf_generate(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_lo
         logits_processor=LogitsProcessorList([recorder]) if recorder else None,
         **sampling,
     )
-    completion = out[:, prompt_ids.shape[1]:]
-    logprobs = recorder.finish(completion[:, -1])[:, : completion.shape[1]] if recorder and completion.shape[1] else None
+    completion = out[:, prompt_ids.shape[1] :]
+    logprobs = (
+        recorder.finish(completion[:, -1])[:, : completion.shape[1]]
+        if recorder and completion.shape[1]
+        else None
+    )
     return completion, logprobs
 
 
 def concat_prompt_completion(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """[left-padded prompt | right-padded completion]; returns ids, mask, prompt width P."""
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -146,7 +183,7 @@ def concat_prompt_completion(
 
 def completion_hidden(hidden: torch.Tensor, prompt_width: int, num_completion_tokens: int) -> torch.Tensor:
     """Hidden states that predict completion tokens 0..T-1: columns P-1 .. P+T-2."""
-    return hidden[:, prompt_width - 1: prompt_width - 1 + num_completion_tokens]
+    return hidden[:, prompt_width - 1 : prompt_width - 1 + num_completion_tokens]
 
 
 def loss_mask(completion_mask: torch.Tensor, skip_first_tokens: int) -> torch.Tensor:

@@ -35,8 +35,11 @@ def _process_start_time() -> float:
     """Wall-clock start of this process (Linux: boot time + start ticks; elsewhere: import time)."""
     try:
         stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
         return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, StopIteration, IndexError):
         return _IMPORTED_AT

@@ -3,7 +3,7 @@ inverse-CDF sampling instead of `torch.multinomial`, one prefill shared by a pro
 
 Why not `model.generate`: on CPU, `torch.multinomial` over a 150k vocabulary costs several
 times the output-head matmul of a small model (it was a fifth of TRL's whole step in our
-profile). Inverse-CDF sampling (softmax, cumulative sum, binary search of one uniform number
+profile). Inverse-CDF sampling (softmax, cumulative sums, binary search of one uniform number
 per row) draws from the same distribution: the only difference is fp32 rounding of the partial
 sums, far below anything a sampler test can see (tests/test_sampling.py checks frequencies).
 """
@@ -32,27 +32,49 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return logits
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row by inverse CDF. Returns (token ids [B], log-probs of those tokens [B]).
+SAMPLE_BLOCK = 2048  # tokens per block of the two-level inverse CDF
 
-    One exp pass and one cumulative sum over the vocabulary; the log-prob is taken only for the
-    sampled token (no full log_softmax).
+
+def _last_positive(x: torch.Tensor) -> torch.Tensor:
+    """Index of the last entry > 0 in each row, [B, 1] (rows are known to have one)."""
+    return (x > 0).long().cumsum(-1).argmax(-1, keepdim=True)
+
+
+def sample_from_logits(
+    logits: torch.Tensor, generator: torch.Generator | None = None, block: int = SAMPLE_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row by a two-level inverse CDF. Returns (token ids [B], their log-probs [B]).
+
+    One fused softmax pass, one block-sum reduction, a cumulative sum over the few block masses,
+    then a cumulative sum inside the chosen block only: a sequential cumsum over the whole
+    vocabulary was the sampler's slowest op (measured 1.1 -> 0.36 ms per [4, 151936] row batch).
+    Exact up to fp32 rounding of the partial sums; a draw that rounding pushes past the last
+    token with mass is moved back onto it, so a zero-probability token is never returned.
     """
-    logits = logits.float()
-    shifted = logits - logits.max(-1, keepdim=True).values
-    cdf = shifted.exp().cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * total
-    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
-    picked = shifted.gather(-1, tokens)
-    # searchsorted(right=True) never lands on a zero-probability token unless rounding put u at
-    # the very end of the CDF; then take the last token that has probability.
-    bad = picked == float("-inf")
+    probs = torch.softmax(logits.float(), dim=-1)
+    rows, vocab = probs.shape
+    full, rest = divmod(vocab, block)
+    mass = probs[:, : full * block].reshape(rows, full, block).sum(-1)
+    if rest:
+        mass = torch.cat([mass, probs[:, full * block :].sum(-1, keepdim=True)], dim=1)
+    cdf = mass.cumsum(-1)
+    u = torch.rand(rows, 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    blk = torch.searchsorted(cdf, u, right=True).clamp_(max=mass.shape[1] - 1)
+    empty = mass.gather(-1, blk) <= 0
+    if empty.any():
+        blk = torch.where(empty, _last_positive(mass), blk)
+    before = cdf.gather(-1, blk) - mass.gather(-1, blk)
+    ids = blk * block + torch.arange(block, device=probs.device)
+    inside = ids < vocab
+    ids = ids.clamp_(max=vocab - 1)
+    inner = probs.gather(-1, ids) * inside
+    j = torch.searchsorted(inner.cumsum(-1), (u - before).clamp_(min=0), right=True).clamp_(max=block - 1)
+    p = inner.gather(-1, j)
+    bad = p <= 0
     if bad.any():
-        last = (shifted > float("-inf")).long().cumsum(-1).argmax(-1, keepdim=True)
-        tokens = torch.where(bad, last, tokens)
-        picked = shifted.gather(-1, tokens)
-    return tokens.squeeze(-1), (picked - total.log()).squeeze(-1)
+        j = torch.where(bad, _last_positive(inner), j)
+        p = inner.gather(-1, j)
+    return ids.gather(-1, j).squeeze(-1), p.log().squeeze(-1)
 
 
 @torch.no_grad()
@@ -81,8 +103,14 @@ def sample_completions(
 
     device = prompt_ids.device
     cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     logits = out.logits[:, -1].float()
     cache = out.past_key_values
     mask = prompt_mask
@@ -109,8 +137,13 @@ def sample_completions(
         if finished.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos + step,
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=next_pos + step,
+            past_key_values=cache,
+            use_cache=True,
+        )
         logits = out.logits[:, -1].float()
         cache = out.past_key_values
     return torch.stack(tokens, 1), torch.stack(logps, 1)

@@ -26,8 +26,14 @@ EMA_ADAPTER = "ema"
 
 
 class Teacher:
-    def __init__(self, model: nn.Module, kind: str, ema_rate: float = 0.01, sync_steps: int = 1,
-                 external: nn.Module | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str,
+        ema_rate: float = 0.01,
+        sync_steps: int = 1,
+        external: nn.Module | None = None,
+    ):
         self.model = model
         self.kind = kind
         self.ema_rate = ema_rate

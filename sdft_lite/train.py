@@ -48,8 +48,16 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
     recipe_yaml = dump_recipe(recipe)
     atomic_write_text(run.recipe, recipe_yaml)
     start = time.time()
-    run.write_status(state="running", pid=os.getpid(), step=0, total_steps=None, error=None, hint=None,
-                     stage="loading data", wall_seconds=None)
+    run.write_status(
+        state="running",
+        pid=os.getpid(),
+        step=0,
+        total_steps=None,
+        error=None,
+        hint=None,
+        stage="loading data",
+        wall_seconds=None,
+    )
     handler = _attach_log_file(run)
     try:
         trainer = build_trainer(recipe, run, recipe_yaml)
@@ -62,6 +70,8 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
         elif recipe.eval.before and trainer.evaluator.sets:
             run.write_status(stage="evaluating before training")
             trainer.evaluator("before", 0, base=True)
+            if recipe.eval.teacher:
+                trainer.evaluator("teacher", 0, base=True, as_teacher=True)
         run.write_status(stage="training")
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         save_adapter(trainer.model, trainer.processing_class, run)
@@ -69,16 +79,24 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
             run.write_status(stage="evaluating after training")
             trainer.evaluator("after", trainer.state.global_step)
         stopped = run.stop_requested()
-        run.write_status(state="stopped" if stopped else "completed", step=trainer.state.global_step, stage=None,
-                         wall_seconds=round(time.time() - start, 1))
-        log.info("run %s %s at step %d", run.name, "stopped" if stopped else "completed", trainer.state.global_step)
+        run.write_status(
+            state="stopped" if stopped else "completed",
+            step=trainer.state.global_step,
+            stage=None,
+            wall_seconds=round(time.time() - start, 1),
+        )
+        log.info(
+            "run %s %s at step %d", run.name, "stopped" if stopped else "completed", trainer.state.global_step
+        )
         return run
     except BaseException as e:
         from .errors import describe_failure, is_user_error
 
         error, hint = describe_failure(e)
         state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
-        run.write_status(state=state, error=error, hint=hint, stage=None, wall_seconds=round(time.time() - start, 1))
+        run.write_status(
+            state=state, error=error, hint=hint, stage=None, wall_seconds=round(time.time() - start, 1)
+        )
         log.error("run %s: %s", state, error, exc_info=not is_user_error(e))
         raise
     finally:
@@ -123,7 +141,7 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     # First: with backend unsloth this imports Unsloth, which must precede transformers/peft/trl.
     backend = activate_backend(recipe.model)
     import torch
-    from transformers import TrainingArguments
+    from transformers import ProgressCallback, TrainingArguments
 
     from .assess import Evaluator
     from .data import handle_bad_rows, load_data
@@ -131,7 +149,7 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     from .models import load_frozen
     from .prompts import PromptEncoder
     from .teacher import Teacher
-    from .trainer import EvalCallback, RunCallback, SDFTTrainer
+    from .trainer import BarProgress, EvalCallback, RunCallback, SDFTTrainer
 
     data = load_data(recipe.data)
     eval_sets = eval_sets_from_recipe(recipe, data.eval)  # checks probe files before the model loads
@@ -142,16 +160,28 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     encoder = PromptEncoder(loaded.tokenizer, recipe.data)
     encoded, bad = encoder.encode(data.train)
     # Prompt length needs the tokenizer, so it is checked here with the same bad-row policy.
-    handle_bad_rows(encoded, bad, total=len(data.train), on_bad_row=recipe.data.on_bad_row, split="train",
-                    where=f"data.source {recipe.data.source}")
+    handle_bad_rows(
+        encoded,
+        bad,
+        total=len(data.train),
+        on_bad_row=recipe.data.on_bad_row,
+        split="train",
+        where=f"data.source {recipe.data.source}",
+    )
     truncated = sum(e.demo_truncated for e in encoded)
     if truncated:
         log.warning("%d demonstrations were truncated to fit data.max_teacher_prompt_tokens", truncated)
 
     teacher = None
     if recipe.method.name == "sdft":
-        external = load_frozen(recipe.teacher.model, recipe.model, loaded.device, loaded.dtype) if recipe.teacher.model else None
-        teacher = Teacher(loaded.model, recipe.teacher.kind, recipe.teacher.ema_rate, recipe.teacher.sync_steps, external)
+        external = (
+            load_frozen(recipe.teacher.model, recipe.model, loaded.device, loaded.dtype)
+            if recipe.teacher.model
+            else None
+        )
+        teacher = Teacher(
+            loaded.model, recipe.teacher.kind, recipe.teacher.ema_rate, recipe.teacher.sync_steps, external
+        )
 
     t = recipe.train
     use_cuda = loaded.device.type == "cuda"
@@ -182,8 +212,9 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    evaluator = Evaluator(loaded.model, loaded.tokenizer, encoder, eval_sets, loaded.eos_ids, loaded.pad_id,
-                          recipe.eval, run)
+    evaluator = Evaluator(
+        loaded.model, loaded.tokenizer, encoder, eval_sets, loaded.eos_ids, loaded.pad_id, recipe.eval, run
+    )
     callbacks = [RunCallback(run, teacher, recipe_yaml or dump_recipe(recipe))]
     if t.eval_steps and eval_sets:
         callbacks.append(EvalCallback(evaluator, t.eval_steps))
@@ -197,9 +228,12 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
         eos_ids=loaded.eos_ids,
         pad_id=loaded.pad_id,
         tokenizer=loaded.tokenizer,
+        encoder=encoder,
         callbacks=callbacks,
     )
     trainer.evaluator = evaluator
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarProgress)
     return trainer
 
 

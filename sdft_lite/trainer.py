@@ -12,14 +12,15 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from .config import Recipe
 from .losses import LossSpec, aggregate_loss, chunked_distillation_loss
 from .models import decoder_hidden_states, output_head
-from .prompts import EncodedExample, left_pad, right_pad
+from .prompts import EncodedExample, PromptEncoder, left_pad, right_pad
 from .rollout import (
     completion_hidden,
     concat_prompt_completion,
@@ -28,6 +29,9 @@ from .rollout import (
 )
 from .runs import RunFolder, append_jsonl
 from .teacher import Teacher
+
+if TYPE_CHECKING:
+    from .assess import Evaluator
 
 log = logging.getLogger(__name__)
 SAMPLES_PER_WRITE = 2
@@ -51,23 +55,44 @@ class Collator:
     def __call__(self, examples: list[EncodedExample]) -> dict:
         s_ids, s_mask = left_pad([e.student_ids for e in examples], self.pad_id)
         t_ids, t_mask = left_pad([e.teacher_ids for e in examples], self.pad_id)
-        return {"student_ids": s_ids, "student_mask": s_mask, "teacher_ids": t_ids, "teacher_mask": t_mask,
-                "examples": examples}
+        return {
+            "student_ids": s_ids,
+            "student_mask": s_mask,
+            "teacher_ids": t_ids,
+            "teacher_mask": t_mask,
+            "examples": examples,
+        }
 
 
 class SDFTTrainer(Trainer):
-    def __init__(self, *, recipe: Recipe, teacher: Teacher | None, run: RunFolder, eos_ids: list[int],
-                 pad_id: int, tokenizer, **kwargs):
+    def __init__(
+        self,
+        *,
+        recipe: Recipe,
+        teacher: Teacher | None,
+        run: RunFolder,
+        eos_ids: list[int],
+        pad_id: int,
+        tokenizer,
+        encoder: PromptEncoder | None = None,
+        **kwargs,
+    ):
         super().__init__(processing_class=tokenizer, data_collator=Collator(pad_id), **kwargs)
         self.recipe = recipe
+        self.encoder = encoder or PromptEncoder(tokenizer, recipe.data)
         self.teacher = teacher
         self.run = run
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.spec = LossSpec(
-            divergence=recipe.loss.divergence, alpha=recipe.loss.alpha, support=recipe.loss.support,
-            topk=recipe.loss.topk, topk_source=recipe.loss.topk_source, add_tail=recipe.loss.add_tail,
-            is_clip=recipe.loss.is_clip, chunk_budget_mb=recipe.loss.chunk_budget_mb,
+            divergence=recipe.loss.divergence,
+            alpha=recipe.loss.alpha,
+            support=recipe.loss.support,
+            topk=recipe.loss.topk,
+            topk_source=recipe.loss.topk_source,
+            add_tail=recipe.loss.add_tail,
+            is_clip=recipe.loss.is_clip,
+            chunk_budget_mb=recipe.loss.chunk_budget_mb,
         )
         # Our loss is already a per-micro-batch mean: let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -87,11 +112,24 @@ class SDFTTrainer(Trainer):
     def _sdft_loss(self, model, inputs) -> torch.Tensor:
         g = self.recipe.generation.num_generations
         start = time.perf_counter()
-        roll = generate_rollouts(model, inputs["student_ids"], inputs["student_mask"], self.recipe.generation,
-                                 self.eos_ids, self.pad_id, record_logprobs=self.spec.is_clip is not None,
-                                 num_samples=g)
-        s_ids, s_mask = inputs["student_ids"].repeat_interleave(g, 0), inputs["student_mask"].repeat_interleave(g, 0)
-        t_ids, t_mask = inputs["teacher_ids"].repeat_interleave(g, 0), inputs["teacher_mask"].repeat_interleave(g, 0)
+        roll = generate_rollouts(
+            model,
+            inputs["student_ids"],
+            inputs["student_mask"],
+            self.recipe.generation,
+            self.eos_ids,
+            self.pad_id,
+            record_logprobs=self.spec.is_clip is not None,
+            num_samples=g,
+        )
+        s_ids, s_mask = (
+            inputs["student_ids"].repeat_interleave(g, 0),
+            inputs["student_mask"].repeat_interleave(g, 0),
+        )
+        t_ids, t_mask = (
+            inputs["teacher_ids"].repeat_interleave(g, 0),
+            inputs["teacher_mask"].repeat_interleave(g, 0),
+        )
         gen_seconds = time.perf_counter() - start
         T = roll.completion_ids.shape[1]
         keep = loss_mask(roll.completion_mask, self.recipe.loss.skip_first_tokens)
@@ -106,7 +144,12 @@ class SDFTTrainer(Trainer):
         student_h = completion_hidden(decoder_hidden_states(model, full, mask), width, T)[keep]
 
         out = chunked_distillation_loss(
-            student_h, teacher_h, output_head(model), self.teacher.head(), targets, self.spec,
+            student_h,
+            teacher_h,
+            output_head(model),
+            self.teacher.head(),
+            targets,
+            self.spec,
             old_logprobs=roll.logprobs[keep] if roll.logprobs is not None else None,
             frozen_head=not any(p.requires_grad for p in model.get_output_embeddings().parameters()),
         )
@@ -118,7 +161,9 @@ class SDFTTrainer(Trainer):
             kl=out.per_token_loss.detach().mean().item() if len(targets) else 0.0,
             completion_length=roll.lengths.float().mean().item(),
             clipped_fraction=roll.clipped.float().mean().item(),
-            teacher_minus_student_logprob=(out.teacher_logprobs - out.student_logprobs).mean().item() if len(targets) else 0.0,
+            teacher_minus_student_logprob=(out.teacher_logprobs - out.student_logprobs).mean().item()
+            if len(targets)
+            else 0.0,
             loss_tokens=float(len(targets)),
             generated_tokens=float(n_tokens),
             generation_seconds=gen_seconds,
@@ -128,19 +173,23 @@ class SDFTTrainer(Trainer):
 
     def _sft_loss(self, model, inputs) -> torch.Tensor:
         """Cross-entropy on the demonstration tokens only (prompt tokens carry no loss)."""
-        tok = self.processing_class
-        demos = [tok(e.demonstration, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]]
-                 for e in inputs["examples"]]
+        demos = [self.encoder.completion_ids(e.demonstration, self.eos_ids) for e in inputs["examples"]]
         limit = self.recipe.generation.max_new_tokens
         demos = [d[:limit] for d in demos]
         c_ids, c_mask = right_pad(demos, self.pad_id)
         c_ids, c_mask = c_ids.to(inputs["student_ids"].device), c_mask.to(inputs["student_ids"].device)
-        full, mask, width = concat_prompt_completion(inputs["student_ids"], inputs["student_mask"], c_ids, c_mask)
-        hidden = completion_hidden(decoder_hidden_states(model, full, mask), width, c_ids.shape[1])[c_mask.bool()]
+        full, mask, width = concat_prompt_completion(
+            inputs["student_ids"], inputs["student_mask"], c_ids, c_mask
+        )
+        hidden = completion_hidden(decoder_hidden_states(model, full, mask), width, c_ids.shape[1])[
+            c_mask.bool()
+        ]
         per_token = sft_token_loss(hidden, output_head(model), c_ids[c_mask.bool()], self.spec)
         rows = torch.arange(c_ids.shape[0], device=c_ids.device)[:, None].expand_as(c_mask)[c_mask.bool()]
         loss = aggregate_loss(per_token, rows, c_ids.shape[0])
-        self._record(kl=0.0, completion_length=c_mask.sum(1).float().mean().item(), loss_tokens=float(len(per_token)))
+        self._record(
+            kl=0.0, completion_length=c_mask.sum(1).float().mean().item(), loss_tokens=float(len(per_token))
+        )
         return loss
 
     # ------------------------------------------------------------------ logging
@@ -158,7 +207,9 @@ class SDFTTrainer(Trainer):
             steps = max(1, step - self._last_log_step)
             logs["seconds_per_step"] = (now - self._last_log_time) / steps
             if m.get("generation_seconds"):
-                logs["generated_tokens_per_s"] = sum(m["generated_tokens"]) / max(1e-9, sum(m["generation_seconds"]))
+                logs["generated_tokens_per_s"] = sum(m["generated_tokens"]) / max(
+                    1e-9, sum(m["generation_seconds"])
+                )
                 logs["tokens_per_s"] = sum(m["generated_tokens"]) / max(1e-9, now - self._last_log_time)
             logs["peak_memory_mb"] = peak_memory_mb(self.args.device)
             self._last_log_time, self._last_log_step = now, step
@@ -179,22 +230,29 @@ class SDFTTrainer(Trainer):
             ex = examples[i // g]
             ids = roll.completion_ids[i, : int(roll.lengths[i])].tolist()
             s, t = s_rows[i], t_rows[i]
-            append_jsonl(self.run.samples, {
-                "step": step,
-                "row": ex.row,
-                "prompt": ex.prompt_text,
-                "completion": tok.decode(ids, skip_special_tokens=True),
-                "demonstration": ex.demonstration,
-                "completion_tokens": len(ids),
-                "clipped": bool(roll.clipped[i]),
-                "student_logprob_mean": s.mean().item() if len(s) else None,
-                "teacher_logprob_mean": t.mean().item() if len(t) else None,
-                "tokens": [
-                    {"token": tok.decode([tid]), "student": round(a, 4), "teacher": round(b, 4)}
-                    for tid, a, b in zip(ids[self.recipe.loss.skip_first_tokens:][:SAMPLE_TOKENS],
-                                         s.tolist()[:SAMPLE_TOKENS], t.tolist()[:SAMPLE_TOKENS], strict=False)
-                ],
-            })
+            append_jsonl(
+                self.run.samples,
+                {
+                    "step": step,
+                    "row": ex.row,
+                    "prompt": ex.prompt_text,
+                    "completion": tok.decode(ids, skip_special_tokens=True),
+                    "demonstration": ex.demonstration,
+                    "completion_tokens": len(ids),
+                    "clipped": bool(roll.clipped[i]),
+                    "student_logprob_mean": s.mean().item() if len(s) else None,
+                    "teacher_logprob_mean": t.mean().item() if len(t) else None,
+                    "tokens": [
+                        {"token": tok.decode([tid]), "student": round(a, 4), "teacher": round(b, 4)}
+                        for tid, a, b in zip(
+                            ids[self.recipe.loss.skip_first_tokens :][:SAMPLE_TOKENS],
+                            s.tolist()[:SAMPLE_TOKENS],
+                            t.tolist()[:SAMPLE_TOKENS],
+                            strict=False,
+                        )
+                    ],
+                },
+            )
 
 
 def sft_token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
@@ -211,9 +269,30 @@ def sft_token_loss(hidden: torch.Tensor, head, targets: torch.Tensor, spec: Loss
     def chunk_loss(h, y):
         return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="none")
 
-    parts = [checkpoint(chunk_loss, hidden[i:i + step], targets[i:i + step], use_reentrant=False)
-             for i in range(0, hidden.shape[0], step)]
+    parts = [
+        checkpoint(chunk_loss, hidden[i : i + step], targets[i : i + step], use_reentrant=False)
+        for i in range(0, hidden.shape[0], step)
+    ]
     return torch.cat(parts)
+
+
+class BarProgress(ProgressCallback):
+    """The progress bar with the latest loss, kl and tokens/s on it, instead of one printed dict per
+    logging step (every value is in metrics.jsonl)."""
+
+    SHOWN = {"loss": "loss", "kl": "kl", "completion_length": "len", "tokens_per_s": "tok/s"}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None or not logs or "loss" not in logs:
+            return
+        self.training_bar.set_postfix(
+            {
+                short: f"{logs[k]:.4g}"
+                for k, short in self.SHOWN.items()
+                if isinstance(logs.get(k), int | float)
+            },
+            refresh=False,
+        )
 
 
 class RunCallback(TrainerCallback):

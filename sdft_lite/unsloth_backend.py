@@ -66,9 +66,13 @@ def load_student(cfg: ModelConfig, gradient_checkpointing: bool, seed: int) -> L
             f"could not load model '{cfg.name}': {e}. Use a local folder, or a Hub id that is cached or reachable."
         ) from None
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    model = FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(cfg, gradient_checkpointing, seed, present))
+    model = FastLanguageModel.get_peft_model(
+        model, **unsloth_peft_kwargs(cfg, gradient_checkpointing, seed, present)
+    )
     if not isinstance(model, PeftModel) or STUDENT_ADAPTER not in model.peft_config:
-        raise ModelLoadError(f"Unsloth returned {type(model).__name__} without a LoRA adapter '{STUDENT_ADAPTER}'")
+        raise ModelLoadError(
+            f"Unsloth returned {type(model).__name__} without a LoRA adapter '{STUDENT_ADAPTER}'"
+        )
     keep_padding_mask(model)
     setattr(model, BACKEND_ATTR, "unsloth")
     if tokenizer.pad_token_id is None:
@@ -77,7 +81,9 @@ def load_student(cfg: ModelConfig, gradient_checkpointing: bool, seed: int) -> L
     device = causal_lm(model).get_output_embeddings().weight.device
     # Unsloth's own `dtype=None` rule (bfloat16 where supported, else float16) is pick_dtype's on a GPU.
     dtype = kwargs["dtype"] or pick_dtype("auto", device)
-    return LoadedModel(model, tokenizer, device, dtype, eos_token_ids(tokenizer, model), tokenizer.pad_token_id)
+    return LoadedModel(
+        model, tokenizer, device, dtype, eos_token_ids(tokenizer, model), tokenizer.pad_token_id
+    )
 
 
 def keep_padding_mask(model: torch.nn.Module) -> int:
@@ -106,8 +112,9 @@ def inference_mode(model: torch.nn.Module):
             model.eval()
 
 
-def save_merged(model, tokenizer, out_dir: str | Path, kind: str = "merged_16bit",
-                quantization: str = "q4_k_m") -> Path:
+def save_merged(
+    model, tokenizer, out_dir: str | Path, kind: str = "merged_16bit", quantization: str = "q4_k_m"
+) -> Path:
     """Write the student merged into the base weights: a 16-bit model folder or a GGUF file.
 
     The merge takes the active adapter only, so the student ('default') is activated first (never
@@ -125,8 +132,13 @@ def save_merged(model, tokenizer, out_dir: str | Path, kind: str = "merged_16bit
     return out_dir
 
 
-def export_adapter(adapter_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, kind: str = "merged_16bit",
-                   quantization: str = "q4_k_m") -> Path:
+def export_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    kind: str = "merged_16bit",
+    quantization: str = "q4_k_m",
+) -> Path:
     """Merge a saved run adapter (runs/<name>/adapter) into its base model and export it.
 
     Unsloth loads an adapter folder as base (from adapter_config.json) + adapter.

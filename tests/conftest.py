@@ -30,7 +30,10 @@ def build_tokenizer(out_dir: Path):
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = CHATML
@@ -49,9 +52,16 @@ def build_model(out_dir: Path, vocab_size: int, hidden: int = 64, layers: int = 
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=eos, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=eos,
+        pad_token_id=0,
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out_dir)
@@ -74,20 +84,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
-    rows = [{"prompt": f"reverse {w}", "demonstration": w[::-1], "answer": w[::-1]}
-            for w in ["abc", "hello", "cat", "dog", "tree", "moon", "star", "sky"]]
+    rows = [
+        {"prompt": f"reverse {w}", "demonstration": w[::-1], "answer": w[::-1]}
+        for w in ["abc", "hello", "cat", "dog", "tree", "moon", "star", "sky"]
+    ]
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
 def tiny_recipe(model_dir: Path, data: Path, out_dir: Path, **sections) -> dict:
     """A recipe dict for a few fast CPU steps; `sections` override whole keys, e.g. teacher={'kind': 'base'}."""
     recipe = {
-        "model": {"name": str(model_dir), "backend": "hf", "load_in_4bit": False, "max_seq_length": 512,
-                  "lora": {"r": 4, "alpha": 8}},
+        "model": {
+            "name": str(model_dir),
+            "backend": "hf",
+            "load_in_4bit": False,
+            "max_seq_length": 512,
+            "lora": {"r": 4, "alpha": 8},
+        },
         "data": {"source": str(data), "max_prompt_tokens": 64, "max_teacher_prompt_tokens": 256},
         "generation": {"max_new_tokens": 12},
-        "train": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-2, "save_steps": 2, "sample_steps": 1,
-                  "gradient_checkpointing": False},
+        "train": {
+            "max_steps": 3,
+            "batch_size": 2,
+            "learning_rate": 1e-2,
+            "save_steps": 2,
+            "sample_steps": 1,
+            "gradient_checkpointing": False,
+        },
         "output": {"dir": str(out_dir), "name": "run"},
     }
     for key, value in sections.items():

@@ -4,8 +4,8 @@ scored at the same completion positions despite different prompt lengths and pad
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_recipe
+
 from sdft_lite import trainer as trainer_mod
 from sdft_lite.config import DataConfig, GenerationConfig, load_recipe
 from sdft_lite.models import decoder_hidden_states, output_head
@@ -37,14 +37,23 @@ def test_padded_logprobs_equal_unpadded_forward(tiny_model_dir):
         logp = torch.log_softmax(output_head(model)(hidden).float(), -1).gather(-1, c_ids[..., None])[..., 0]
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             full = torch.tensor([p + c])
-            ref = torch.log_softmax(model(full).logits.float(), -1)[0, len(p) - 1:-1].gather(-1, torch.tensor(c)[:, None])[:, 0]
+            ref = torch.log_softmax(model(full).logits.float(), -1)[0, len(p) - 1 : -1].gather(
+                -1, torch.tensor(c)[:, None]
+            )[:, 0]
             assert torch.allclose(logp[i, : len(c)], ref, atol=1e-5), (i, logp[i], ref)
 
 
 def test_teacher_sees_teacher_prompt_plus_exact_completion(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    recipe = load_recipe(None, data=tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs",
-                                                  train={"max_steps": 1, "batch_size": 3},
-                                                  generation={"num_generations": 2, "max_new_tokens": 6}))
+    recipe = load_recipe(
+        None,
+        data=tiny_recipe(
+            tiny_model_dir,
+            tiny_data,
+            tmp_path / "runs",
+            train={"max_steps": 1, "batch_size": 3},
+            generation={"num_generations": 2, "max_new_tokens": 6},
+        ),
+    )
     run = RunFolder(tmp_path / "runs" / "run")
     run.prepare("error")
     trainer = build_trainer(recipe, run)
@@ -79,8 +88,8 @@ def test_teacher_sees_teacher_prompt_plus_exact_completion(tiny_model_dir, tiny_
         completion = roll.completion_ids[row, :n].tolist()
         assert ids[row][mask[row].bool()].tolist() == ex.teacher_ids + completion
         # The completion starts right after the (left-padded) prompt, at the same column in every row.
-        assert ids[row, prompt_width: prompt_width + n].tolist() == completion
-        assert mask[row, prompt_width + n:].sum() == 0
+        assert ids[row, prompt_width : prompt_width + n].tolist() == completion
+        assert mask[row, prompt_width + n :].sum() == 0
     # The teacher prompt really holds the demonstration; the student's does not.
     tok = trainer.processing_class
     assert examples[0].demonstration in tok.decode(examples[0].teacher_ids)
@@ -94,8 +103,11 @@ def test_eos_masking_uses_the_eos_set_and_lengths():
     assert lengths.tolist() == [3, 5, 2]  # up to and including the first token of the EOS set
     assert clipped.tolist() == [False, True, False]
     keep = loss_mask(torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 1, 0, 0, 0]]), skip_first_tokens=1)
-    assert keep.tolist() == [[False, True, True, False, False], [False, True, True, True, True],
-                             [False, True, False, False, False]]
+    assert keep.tolist() == [
+        [False, True, True, False, False],
+        [False, True, True, True, True],
+        [False, True, False, False, False],
+    ]
 
 
 def test_rollout_masks_after_first_eos(tiny_model_dir):
@@ -109,8 +121,15 @@ def test_rollout_masks_after_first_eos(tiny_model_dir):
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     # Every sampled token is an "EOS" for this call: each row must stop after exactly one token.
     vocab_ids = list(range(len(tok)))
-    roll = generate_rollouts(model, ids, mask, GenerationConfig(max_new_tokens=5), vocab_ids, tok.pad_token_id,
-                             record_logprobs=True)
+    roll = generate_rollouts(
+        model,
+        ids,
+        mask,
+        GenerationConfig(max_new_tokens=5),
+        vocab_ids,
+        tok.pad_token_id,
+        record_logprobs=True,
+    )
     assert roll.lengths.tolist() == [1, 1] and roll.completion_mask.sum() == 2
     assert roll.logprobs.shape == roll.completion_ids.shape and (roll.logprobs[:, 0] <= 0).all()
     roll = generate_rollouts(model, ids, mask, GenerationConfig(max_new_tokens=5), [eos], tok.pad_token_id)
@@ -125,8 +144,12 @@ def test_chat_prompts_keep_system_and_rewrite_last_user(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     enc = PromptEncoder(tok, DataConfig(source="x", max_teacher_prompt_tokens=1024))
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first q"},
-                {"role": "assistant", "content": "first a"}, {"role": "user", "content": "what is 2+2"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first q"},
+        {"role": "assistant", "content": "first a"},
+        {"role": "user", "content": "what is 2+2"},
+    ]
     student = tok.decode(enc.student_ids(messages))
     teacher_ids, truncated = enc.teacher_ids(messages, "4")
     teacher = tok.decode(teacher_ids)
@@ -155,6 +178,11 @@ def test_plain_prompts_without_chat_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    enc = PromptEncoder(tok, DataConfig(source="x", chat_template="never", teacher_template="Q: {prompt} A: {demonstration} Q: {prompt}"))
+    enc = PromptEncoder(
+        tok,
+        DataConfig(
+            source="x", chat_template="never", teacher_template="Q: {prompt} A: {demonstration} Q: {prompt}"
+        ),
+    )
     assert tok.decode(enc.student_ids("hi {there}")) == "hi {there}"
     assert tok.decode(enc.teacher_ids("hi", "yo")[0]) == "Q: hi A: yo Q: hi"

@@ -8,19 +8,22 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import tiny_recipe, write_jsonl
+
 from sdft_lite.assess import compare_table, read_eval, run_summary
 from sdft_lite.runs import RunFolder, read_jsonl
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdft_lite.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sdft_lite.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def recipe_file(tmp_path: Path, model_dir: Path, data: Path, name: str, **sections) -> Path:
-    probe = write_jsonl(tmp_path / "probe.jsonl", [{"prompt": f"copy {w}", "answer": w} for w in ["ab", "cd", "ef"]])
+    probe = write_jsonl(
+        tmp_path / "probe.jsonl", [{"prompt": f"copy {w}", "answer": w} for w in ["ab", "cd", "ef"]]
+    )
     recipe = tiny_recipe(model_dir, data, tmp_path / "runs", **sections)
     recipe["output"]["name"] = name
     recipe["data"]["eval_fraction"] = 0.25
@@ -36,17 +39,20 @@ def test_train_records_eval_and_compare(tiny_model_dir, tiny_data, tmp_path):
     res = cli("train", str(sdft), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "before" in res.stdout and "after" in res.stdout and "new_task (n=2)" in res.stdout
+    assert "teacher (demo in prompt, before)" in res.stdout and "before training: " in res.stdout
 
     run = RunFolder(tmp_path / "runs" / "sdft")
     ev = read_eval(run)
-    assert set(ev) == {"before", "after", "steps"}
+    assert set(ev) == {"before", "teacher", "after", "steps"}
+    # The teacher row: the new-task set from the teacher prompt (probes have no demonstration).
+    assert set(ev["teacher"]) == {"step", "new_task"} and ev["teacher"]["new_task"]["n"] == 2
     assert ev["before"]["step"] == 0 and ev["after"]["step"] == 3 and [s["step"] for s in ev["steps"]] == [2]
     for label in ("before", "after"):
         assert set(ev[label]) == {"step", "new_task", "copy"}
         assert ev[label]["new_task"]["n"] == 2 and ev[label]["copy"]["n"] == 3
         assert 0.0 <= ev[label]["copy"]["accuracy"] <= 1.0
     eval_lines = [m for m in read_jsonl(run.metrics) if "eval_label" in m]
-    assert [m["eval_label"] for m in eval_lines] == ["before", "step", "after"]
+    assert [m["eval_label"] for m in eval_lines] == ["before", "teacher", "step", "after"]
     assert {"eval/new_task", "eval/copy"} <= set(eval_lines[0])
     assert run.read_status()["wall_seconds"] > 0
 
@@ -78,8 +84,9 @@ def test_eval_command_on_run_and_model(tiny_model_dir, tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     stand_alone = json.loads(out.read_text())["r"]
     # The same adapter evaluated alone gives the same greedy accuracies as at the end of training.
-    assert {k: v["accuracy"] for k, v in stand_alone.items()} == {k: v["accuracy"] for k, v in ev["after"].items()
-                                                                   if k != "step"}
+    assert {k: v["accuracy"] for k, v in stand_alone.items()} == {
+        k: v["accuracy"] for k, v in ev["after"].items() if k != "step"
+    }
     res = cli("eval", str(tiny_model_dir), str(path), cwd=tmp_path)
     assert res.returncode == 0 and "new_task" in res.stdout and "copy" in res.stdout
 
@@ -96,5 +103,7 @@ def test_eval_with_bad_probe_fails_before_loading_model(tiny_model_dir, tiny_dat
     path = recipe_file(tmp_path, tiny_model_dir, tiny_data, "r")
     write_jsonl(tmp_path / "probe.jsonl", [{"question": "copy ab", "answer": "ab"}])
     res = cli("train", str(path), cwd=tmp_path)
-    assert res.returncode == 2 and "eval.probes[0].prompt_column" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2 and "eval.probes[0].prompt_column" in res.stderr and "Traceback" not in res.stderr
+    )
     assert RunFolder(tmp_path / "runs" / "r").read_status()["state"] == "failed"

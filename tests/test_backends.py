@@ -35,39 +35,58 @@ from sdft_lite.errors import is_user_error
 PACKAGE = Path(__file__).resolve().parents[1] / "sdft_lite"
 REPO = PACKAGE.parent
 HAS_UNSLOTH = unsloth_installed()
-needs_unsloth = pytest.mark.skipif(not HAS_UNSLOTH, reason=f"unsloth is not installed here ({INSTALL_UNSLOTH})")
+needs_unsloth = pytest.mark.skipif(
+    not HAS_UNSLOTH, reason=f"unsloth is not installed here ({INSTALL_UNSLOTH})"
+)
 
 
-def run_python(code: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (Unsloth writes unsloth_compiled_cache/ into its working directory)."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                **(env or {})}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd)
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 # --------------------------------------------------------------------------- selection
 
 
-@pytest.mark.parametrize(("requested", "cuda", "unsloth", "expected"), [
-    ("hf", True, True, "hf"),
-    ("hf", False, False, "hf"),
-    ("auto", True, True, "unsloth"),
-    ("auto", True, False, "hf"),
-    ("auto", False, True, "hf"),
-    ("auto", False, False, "hf"),
-    ("unsloth", True, True, "unsloth"),
-])
+@pytest.mark.parametrize(
+    ("requested", "cuda", "unsloth", "expected"),
+    [
+        ("hf", True, True, "hf"),
+        ("hf", False, False, "hf"),
+        ("auto", True, True, "unsloth"),
+        ("auto", True, False, "hf"),
+        ("auto", False, True, "hf"),
+        ("auto", False, False, "hf"),
+        ("unsloth", True, True, "unsloth"),
+    ],
+)
 def test_choose_backend(requested, cuda, unsloth, expected):
     backend, reason = choose_backend(requested, cuda, unsloth)
     assert backend == expected and reason
 
 
-@pytest.mark.parametrize(("cuda", "unsloth", "says", "not_says"), [
-    (False, True, ["no CUDA GPU", "backend: hf"], [INSTALL_UNSLOTH]),
-    (True, False, ["not installed", INSTALL_UNSLOTH, "backend: hf"], ["CUDA GPU"]),
-    (False, False, ["no CUDA GPU", "not installed", INSTALL_UNSLOTH, "backend: hf"], []),
-])
+@pytest.mark.parametrize(
+    ("cuda", "unsloth", "says", "not_says"),
+    [
+        (False, True, ["no CUDA GPU", "backend: hf"], [INSTALL_UNSLOTH]),
+        (True, False, ["not installed", INSTALL_UNSLOTH, "backend: hf"], ["CUDA GPU"]),
+        (False, False, ["no CUDA GPU", "not installed", INSTALL_UNSLOTH, "backend: hf"], []),
+    ],
+)
 def test_unsloth_requested_where_it_cannot_run(cuda, unsloth, says, not_says):
     with pytest.raises(BackendError) as e:
         choose_backend("unsloth", cuda, unsloth)
@@ -96,7 +115,7 @@ def test_load_student_for_dispatches_to_hf_on_cpu(tiny_model_dir):
     with rollout_context(loaded.model):  # a no-op for hf
         pass
     assert loaded.model.training
-    with pytest.raises(BackendError, match=r'sdft-lite\[unsloth\]|no CUDA GPU'):
+    with pytest.raises(BackendError, match=r"sdft-lite\[unsloth\]|no CUDA GPU"):
         load_student_for(cfg.model_copy(update={"backend": "unsloth"}), gradient_checkpointing=False, seed=0)
 
 
@@ -106,23 +125,45 @@ def test_load_student_for_dispatches_to_hf_on_cpu(tiny_model_dir):
 def test_expand_target_modules():
     assert expand_target_modules("all-linear") == list(UNSLOTH_LINEAR_MODULES)
     assert expand_target_modules(["q_proj", "v_proj", "q_proj"]) == ["q_proj", "v_proj"]
-    assert expand_target_modules("all-linear", present={"q_proj", "v_proj", "lm_head"}) == ["q_proj", "v_proj"]
+    assert expand_target_modules("all-linear", present={"q_proj", "v_proj", "lm_head"}) == [
+        "q_proj",
+        "v_proj",
+    ]
     with pytest.raises(BackendError, match="match no module"):
         expand_target_modules(["query_key_value"], present={"q_proj", "v_proj"})
 
 
 def test_unsloth_kwargs():
-    cfg = ModelConfig(name="unsloth/Qwen2.5-0.5B-Instruct", max_seq_length=1024,
-                      lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"})
+    cfg = ModelConfig(
+        name="unsloth/Qwen2.5-0.5B-Instruct",
+        max_seq_length=1024,
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+    )
     load = unsloth_load_kwargs(cfg, cfg.name, gradient_checkpointing=True)
-    assert load == dict(model_name=cfg.name, max_seq_length=1024, dtype=None, load_in_4bit=True, revision=None,
-                        trust_remote_code=False, use_gradient_checkpointing="unsloth",
-                        use_exact_model_name=True)
-    assert unsloth_load_kwargs(cfg.model_copy(update={"dtype": "bfloat16"}), "x", False)["dtype"] == "bfloat16"
+    assert load == dict(
+        model_name=cfg.name,
+        max_seq_length=1024,
+        dtype=None,
+        load_in_4bit=True,
+        revision=None,
+        trust_remote_code=False,
+        use_gradient_checkpointing="unsloth",
+        use_exact_model_name=True,
+    )
+    assert (
+        unsloth_load_kwargs(cfg.model_copy(update={"dtype": "bfloat16"}), "x", False)["dtype"] == "bfloat16"
+    )
     assert unsloth_load_kwargs(cfg, "x", gradient_checkpointing=False)["use_gradient_checkpointing"] is False
     peft = unsloth_peft_kwargs(cfg, gradient_checkpointing=True, seed=7)
-    assert peft == dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(UNSLOTH_LINEAR_MODULES),
-                        bias="none", use_gradient_checkpointing="unsloth", random_state=7)
+    assert peft == dict(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=list(UNSLOTH_LINEAR_MODULES),
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=7,
+    )
 
 
 # --------------------------------------------------------------------------- import discipline
@@ -140,23 +181,30 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_only_the_unsloth_module_imports_unsloth_and_it_does_so_first():
-    importers = sorted(p.name for p in PACKAGE.rglob("*.py")
-                       if any(m.split(".")[0] == "unsloth" for _, m in _imports(p)))
+    importers = sorted(
+        p.name for p in PACKAGE.rglob("*.py") if any(m.split(".")[0] == "unsloth" for _, m in _imports(p))
+    )
     assert importers == ["unsloth_backend.py"]
-    module_level = [n for n in ast.parse((PACKAGE / "unsloth_backend.py").read_text()).body
-                    if isinstance(n, ast.Import | ast.ImportFrom)]
+    module_level = [
+        n
+        for n in ast.parse((PACKAGE / "unsloth_backend.py").read_text()).body
+        if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
     assert isinstance(module_level[0], ast.Import) and module_level[0].names[0].name == "unsloth"
 
 
 def test_backend_selection_and_planning_import_neither_unsloth_nor_transformers(tmp_path):
-    res = run_python("""
+    res = run_python(
+        """
         import sys
         import sdft_lite.backends, sdft_lite.plan, sdft_lite.doctor
         from sdft_lite.backends import select_backend
         from sdft_lite.config import ModelConfig
         select_backend(ModelConfig(name="m"))
         print(sorted(m for m in ("unsloth", "transformers", "peft", "trl") if m in sys.modules))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"
 
@@ -171,8 +219,19 @@ def test_doctor_reports_this_machine():
     checks = {c: (v, s) for c, v, s in rows}
     assert all(len(r) == 3 for r in rows)
     assert checks["python"][1] == "ok"
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "unsloth",
-                 "gradio", "cuda", "backend auto"):
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "datasets",
+        "accelerate",
+        "unsloth",
+        "gradio",
+        "cuda",
+        "backend auto",
+    ):
         assert name in checks, name
     assert checks["bitsandbytes"][1] == "ok"
     value, status = checks["bitsandbytes 4-bit"]
@@ -187,8 +246,11 @@ def test_doctor_reports_this_machine():
 def test_doctor_lists_missing_packages_with_their_fix():
     from sdft_lite.doctor import format_doctor
 
-    rows = [("python", "3.11", "ok"), ("peft", "not installed", "missing: pip install sdft-lite"),
-            ("gradio", "not installed", "warn: optional, for the web app: pip install gradio")]
+    rows = [
+        ("python", "3.11", "ok"),
+        ("peft", "not installed", "missing: pip install sdft-lite"),
+        ("gradio", "not installed", "warn: optional, for the web app: pip install gradio"),
+    ]
     text = format_doctor(rows)
     assert "missing (training will fail until fixed):\n  peft: pip install sdft-lite" in text
     assert "gradio: optional, for the web app: pip install gradio" in text
@@ -203,7 +265,8 @@ def test_unsloth_module_api_under_unsloths_cpu_test_switch(tmp_path):
     """Import the module the way a GPU process does (UNSLOTH_ALLOW_CPU=1 takes Unsloth's CUDA code
     path on a CPU) and check that Unsloth's API still accepts what we pass and still has the
     behaviour the backend relies on."""
-    res = run_python("""
+    res = run_python(
+        """
         import inspect, json, warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -228,11 +291,19 @@ def test_unsloth_module_api_under_unsloths_cpu_test_switch(tmp_path):
             "honours_disable_adapter": "disable_adapters" in inspect.getsource(get_lora_parameters),
             "mode_helpers": all(callable(getattr(FastLanguageModel, n, None)) for n in ("for_inference", "for_training")),
         }))
-    """, tmp_path, env={"UNSLOTH_ALLOW_CPU": "1"})
+    """,
+        tmp_path,
+        env={"UNSLOTH_ALLOW_CPU": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got == {"late_import_warning": [], "device_type": "cuda", "keeps_mask_flag": True,
-                   "honours_disable_adapter": True, "mode_helpers": True}, got
+    assert got == {
+        "late_import_warning": [],
+        "device_type": "cuda",
+        "keeps_mask_flag": True,
+        "honours_disable_adapter": True,
+        "mode_helpers": True,
+    }, got
 
 
 @needs_unsloth
@@ -241,7 +312,8 @@ def test_unsloth_backend_end_to_end_on_unsloths_cpu_fallback(tiny_model_dir, tmp
     PEFT). Not the GPU kernels, but the real FastLanguageModel API: load, LoRA, both teachers'
     adapter switching, hidden states, rollouts in train and eval mode, merged exports of the live
     model and of a saved adapter folder."""
-    res = run_python(f"""
+    res = run_python(
+        f"""
         import json, os, torch
         import sdft_lite.unsloth_backend as ub
         from sdft_lite.backends import backend_of, rollout_context
@@ -278,12 +350,20 @@ def test_unsloth_backend_end_to_end_on_unsloths_cpu_fallback(tiny_model_dir, tmp
             "completion": list(roll.completion_ids.shape), "merged": sorted(os.listdir(out)),
             "exported": sorted(os.listdir(exported)),
         }}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["model"] == "PeftModelForCausalLM" and got["backend"] == "unsloth" and got["dtype"] == "torch.float32"
+    assert (
+        got["model"] == "PeftModelForCausalLM"
+        and got["backend"] == "unsloth"
+        and got["dtype"] == "torch.float32"
+    )
     assert got["adapters"] == ["default", "ema"] and got["active"] == ["default"] and got["ema_tensors"] > 0
     assert got["hidden"] == [2, 10, 64] and got["teacher"] == [2, 10, 64] and got["lora_starts_at_base"]
-    assert got["training_after_rollout"] and not got["training_after_eval_rollout"] and got["completion"][0] == 2
+    assert (
+        got["training_after_rollout"] and not got["training_after_eval_rollout"] and got["completion"][0] == 2
+    )
     for folder in (got["merged"], got["exported"]):
         assert "config.json" in folder and any(f.endswith(".safetensors") for f in folder), folder

@@ -22,8 +22,9 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdft_lite.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sdft_lite.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def write(tmp_path: Path, recipe: dict, name: str = "r.yaml") -> Path:
@@ -61,8 +62,16 @@ def test_every_key_has_help():
 
 
 def test_overrides_are_typed(ok_recipe):
-    r = load_recipe(None, ["train.max_steps=7", "teacher.kind=base", "model.lora.target_modules=[q_proj, v_proj]",
-                           "loss.is_clip=2"], data=ok_recipe)
+    r = load_recipe(
+        None,
+        [
+            "train.max_steps=7",
+            "teacher.kind=base",
+            "model.lora.target_modules=[q_proj, v_proj]",
+            "loss.is_clip=2",
+        ],
+        data=ok_recipe,
+    )
     assert r.train.max_steps == 7 and r.teacher.kind == "base"
     assert r.model.lora.target_modules == ["q_proj", "v_proj"] and r.loss.is_clip == 2.0
 
@@ -134,7 +143,10 @@ def test_cli_validate_ok(tmp_path, ok_recipe):
     [
         (lambda r: r["teacher"].update(kindd="ema"), "did you mean 'teacher.kind'"),
         (lambda r: r["train"].update(max_steps="ten"), "train.max_steps: input should be a valid integer"),
-        (lambda r: r["data"].update(source="nope/train.jsonl"), "data.source: file or folder not found: nope/train.jsonl"),
+        (
+            lambda r: r["data"].update(source="nope/train.jsonl"),
+            "data.source: file or folder not found: nope/train.jsonl",
+        ),
         (lambda r: r.pop("model"), "missing required key 'model'"),
     ],
 )

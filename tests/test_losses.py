@@ -393,7 +393,9 @@ def test_loss_peak_memory_fits_the_chunk_budget(name):
 
 
 def test_loss_peak_memory_does_not_grow_with_vocab_or_tokens():
-    spec = LossSpec(chunk_budget_mb=64.0)  # full-vocab forward KL; a budget that gives several chunks at both sizes
+    spec = LossSpec(
+        chunk_budget_mb=64.0
+    )  # full-vocab forward KL; a budget that gives several chunks at both sizes
     small, large = 32_000, 151_936
     assert rows_per_chunk(small, spec) < 256  # several chunks at both vocab sizes
     chunked_small = _peak_loss_bytes(small, 256, spec)

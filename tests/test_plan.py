@@ -24,12 +24,33 @@ from sdft_lite.plan import (
 
 REPO = Path(__file__).resolve().parents[1]
 # config.json values of public models (sizes only).
-QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
-LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
-LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-             "num_attention_heads": 64}
+QWEN_05B = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+LLAMA_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA_70B = {
+    **LLAMA_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+}
 
 
 @pytest.fixture
@@ -54,7 +75,9 @@ def test_components_scale_as_expected(make_recipe):
     default = estimate(make_recipe(), QWEN_05B)
     fp16 = estimate(make_recipe(model={"load_in_4bit": False}), QWEN_05B)
     assert comp(default, "base weights: decoder") < 0.3 * comp(fp16, "base weights: decoder")
-    assert comp(default, "base weights: embeddings") == comp(fp16, "base weights: embeddings")  # never quantized
+    assert comp(default, "base weights: embeddings") == comp(
+        fp16, "base weights: embeddings"
+    )  # never quantized
 
     base_teacher = estimate(make_recipe(teacher={"kind": "base"}), QWEN_05B)
     assert default.phase_bytes("static") > base_teacher.phase_bytes("static")
@@ -63,15 +86,20 @@ def test_components_scale_as_expected(make_recipe):
     no_ckpt = estimate(make_recipe(train={"gradient_checkpointing": False}), QWEN_05B)
     assert comp(no_ckpt, "student activations") > 5 * comp(default, "student activations")
 
-    bigger = {"batch": make_recipe(train={"batch_size": 8}), "length": make_recipe(generation={"max_new_tokens": 512}),
-              "generations": make_recipe(generation={"num_generations": 2})}
+    bigger = {
+        "batch": make_recipe(train={"batch_size": 8}),
+        "length": make_recipe(generation={"max_new_tokens": 512}),
+        "generations": make_recipe(generation={"num_generations": 2}),
+    }
     for what, recipe in bigger.items():
         plan = estimate(recipe, QWEN_05B)
         assert comp(plan, "rollout KV cache") > comp(default, "rollout KV cache"), what
         assert comp(plan, "student activations") > comp(default, "student activations"), what
         assert plan.total > default.total, what
 
-    assert comp(estimate(make_recipe(model={"lora": {"r": 64}}), QWEN_05B), "LoRA") == 4 * comp(default, "LoRA")
+    assert comp(estimate(make_recipe(model={"lora": {"r": 64}}), QWEN_05B), "LoRA") == 4 * comp(
+        default, "LoRA"
+    )
     # Unsloth's checkpointing keeps layer inputs in CPU RAM.
     unsloth = estimate(make_recipe(), QWEN_05B, backend="unsloth")
     assert comp(unsloth, "student activations") < comp(default, "student activations")
@@ -112,10 +140,30 @@ def test_arch_counts_match_real_models():
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     for cls, cfg in [
-        (LlamaForCausalLM, LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
-        (Qwen2ForCausalLM, Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+        (
+            LlamaForCausalLM,
+            LlamaConfig(
+                vocab_size=300,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+            ),
+        ),
+        (
+            Qwen2ForCausalLM,
+            Qwen2Config(
+                vocab_size=300,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+            ),
+        ),
     ]:
         torch.manual_seed(0)
         model = cls(cfg)
@@ -129,13 +177,25 @@ def test_arch_counts_match_real_models():
 
 
 def test_arch_from_configs():
-    nested = {"model_type": "gemma3", "tie_word_embeddings": True, "vision_config": {"hidden_size": 1152},
-              "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
-                              "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-                              "vocab_size": 262208}}
+    nested = {
+        "model_type": "gemma3",
+        "tie_word_embeddings": True,
+        "vision_config": {"hidden_size": 1152},
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "num_hidden_layers": 34,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "vocab_size": 262208,
+        },
+    }
     arch = Arch.from_config(nested)
     assert (arch.hidden, arch.head_dim, arch.tied) == (2560, 256, True)
-    moe = Arch.from_config({**QWEN_05B, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 512})
+    moe = Arch.from_config(
+        {**QWEN_05B, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 512}
+    )
     assert (moe.experts, moe.active_experts, moe.intermediate) == (8, 2, 512)
     with pytest.raises(PlanError, match="hidden_size"):
         Arch.from_config({"model_type": "x", "vocab_size": 10})
@@ -189,9 +249,16 @@ def test_estimate_against_measured_cpu_peak(tmp_path):
     model = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 704, "vocab": 16000}
     config = bench.build_model_dir(tmp_path / "model", sizes=model)
     data = bench.write_data(tmp_path / "train.jsonl", prompt_chars=48)
-    recipe = bench.recipe_dict({"data": {"max_prompt_tokens": 48, "max_teacher_prompt_tokens": 224},
-                                "generation": {"max_new_tokens": 32}},
-                               tmp_path / "model", data, tmp_path / "runs", steps=2)
+    recipe = bench.recipe_dict(
+        {
+            "data": {"max_prompt_tokens": 48, "max_teacher_prompt_tokens": 224},
+            "generation": {"max_new_tokens": 32},
+        },
+        tmp_path / "model",
+        data,
+        tmp_path / "runs",
+        steps=2,
+    )
     result = bench._run("test", recipe, config)
     ratio = result["measured_peak_mib"] / result["estimate_peak_mib"]
     print(f"estimate {result['estimate_peak_mib']:.0f} MiB, measured {result['measured_peak_mib']:.0f} MiB")

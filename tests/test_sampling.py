@@ -25,12 +25,15 @@ def _counts(tokens: torch.Tensor) -> torch.Tensor:
     return torch.bincount(tokens.flatten(), minlength=V).double()
 
 
-@pytest.mark.parametrize("warp", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
-def test_sampler_matches_reference_frequencies(warp):
+@pytest.mark.parametrize("block", [2048, 7])  # one block; 9 blocks, the last one partial (60 = 8 * 7 + 4)
+@pytest.mark.parametrize(
+    "warp", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)]
+)
+def test_sampler_matches_reference_frequencies(warp, block):
     torch.manual_seed(0)
     logits = warp_logits(_logits(), **warp)
     probs = torch.softmax(logits, -1)[0].double()
-    ours = _counts(sample_from_logits(logits.expand(DRAWS, V))[0])
+    ours = _counts(sample_from_logits(logits.expand(DRAWS, V), block=block)[0])
     ref = _counts(torch.multinomial(probs.float(), DRAWS, replacement=True))
     support = probs > 0
     assert ours[~support].sum() == 0, "sampled a token outside the warped support"
@@ -43,9 +46,11 @@ def test_sampler_matches_reference_frequencies(warp):
     assert p_fit > 1e-3 and p_same > 1e-3, (p_fit, p_same)
 
 
-def test_sampler_logprobs_are_the_warped_logprobs():
-    logits = _logits(1).expand(8, V)
-    tokens, logp = sample_from_logits(logits)
+@pytest.mark.parametrize("block", [2048, 7])
+def test_sampler_logprobs_are_the_warped_logprobs(block):
+    logits = warp_logits(_logits(1), temperature=1.0, top_k=10, top_p=1.0).expand(64, V)
+    tokens, logp = sample_from_logits(logits, block=block)
+    assert torch.isfinite(logp).all()
     ref = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(logp, ref)
 
@@ -55,7 +60,9 @@ def test_warping_matches_transformers_warpers():
 
     logits = _logits(2).repeat(3, 1)
     ids = torch.zeros(3, 1, dtype=torch.long)
-    ref = TopPLogitsWarper(0.8)(ids, TopKLogitsWarper(15)(ids, TemperatureLogitsWarper(0.6)(ids, logits.clone())))
+    ref = TopPLogitsWarper(0.8)(
+        ids, TopKLogitsWarper(15)(ids, TemperatureLogitsWarper(0.6)(ids, logits.clone()))
+    )
     ours = warp_logits(logits, 0.6, 15, 0.8)
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
@@ -78,9 +85,18 @@ def test_greedy_matches_generate_with_padding(model_and_tok):
     prompts = [tok("abc de")["input_ids"], tok("x")["input_ids"], tok("hello world")["input_ids"]]
     ids, mask = left_pad(prompts, tok.pad_token_id)
     eos = [tok.convert_tokens_to_ids("<|im_end|>")]
-    ours = generate_rollouts(model, ids, mask, GenerationConfig(max_new_tokens=8), eos, tok.pad_token_id, greedy=True)
-    ref = generate_rollouts(model, ids, mask, GenerationConfig(max_new_tokens=8, engine="generate"), eos,
-                            tok.pad_token_id, greedy=True)
+    ours = generate_rollouts(
+        model, ids, mask, GenerationConfig(max_new_tokens=8), eos, tok.pad_token_id, greedy=True
+    )
+    ref = generate_rollouts(
+        model,
+        ids,
+        mask,
+        GenerationConfig(max_new_tokens=8, engine="generate"),
+        eos,
+        tok.pad_token_id,
+        greedy=True,
+    )
     assert torch.equal(ours.lengths, ref.lengths)
     assert torch.equal(ours.completion_ids, ref.completion_ids)
     assert len({tuple(r) for r in ours.completion_ids.tolist()}) > 1  # not a trivially constant output
@@ -91,16 +107,18 @@ def test_sampled_logprobs_match_unpadded_forward_and_samples_share_prefill(model
     prompts = [tok("abc de")["input_ids"], tok("xy")["input_ids"]]
     ids, mask = left_pad(prompts, tok.pad_token_id)
     torch.manual_seed(1)
-    completion, logp = sample_completions(model, ids, mask, max_new_tokens=6, eos_ids=[-1], pad_id=tok.pad_token_id,
-                                          num_samples=3)
+    completion, logp = sample_completions(
+        model, ids, mask, max_new_tokens=6, eos_ids=[-1], pad_id=tok.pad_token_id, num_samples=3
+    )
     assert completion.shape == (6, 6)
     with torch.no_grad():
         for row in range(6):
             prompt = prompts[row // 3]  # rows are grouped per prompt
             full = torch.tensor([prompt + completion[row].tolist()])
-            ref = torch.log_softmax(model(full).logits.float(), -1)[0, len(prompt) - 1:-1]
+            ref = torch.log_softmax(model(full).logits.float(), -1)[0, len(prompt) - 1 : -1]
             ref = ref.gather(-1, completion[row][:, None]).squeeze(-1)
             torch.testing.assert_close(logp[row], ref, atol=1e-4, rtol=1e-4)
-    greedy, _ = sample_completions(model, ids, mask, max_new_tokens=6, eos_ids=[-1], pad_id=tok.pad_token_id,
-                                   num_samples=3, greedy=True)
+    greedy, _ = sample_completions(
+        model, ids, mask, max_new_tokens=6, eos_ids=[-1], pad_id=tok.pad_token_id, num_samples=3, greedy=True
+    )
     assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[1], greedy[2])

@@ -13,21 +13,40 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_recipe, write_jsonl
+
 from sdft_lite.config import load_recipe
 from sdft_lite.runs import RunFolder, read_jsonl
-from sdft_lite.train import build_trainer, train
+from sdft_lite.train import build_trainer
 
-METRIC_KEYS = {"step", "loss", "kl", "completion_length", "clipped_fraction", "tokens_per_s",
-               "generated_tokens_per_s", "seconds_per_step", "peak_memory_mb", "lr", "grad_norm"}
-SAMPLE_KEYS = {"step", "prompt", "completion", "demonstration", "student_logprob_mean", "teacher_logprob_mean",
-               "tokens"}
+METRIC_KEYS = {
+    "step",
+    "loss",
+    "kl",
+    "completion_length",
+    "clipped_fraction",
+    "tokens_per_s",
+    "generated_tokens_per_s",
+    "seconds_per_step",
+    "peak_memory_mb",
+    "lr",
+    "grad_norm",
+}
+SAMPLE_KEYS = {
+    "step",
+    "prompt",
+    "completion",
+    "demonstration",
+    "student_logprob_mean",
+    "teacher_logprob_mean",
+    "tokens",
+}
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdft_lite.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sdft_lite.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -61,8 +80,15 @@ def test_run_folder_contract_via_cli(tiny_model_dir, tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     run = RunFolder(tmp_path / "runs" / "run")
     names = {p.name for p in run.path.iterdir()}
-    assert {"recipe.yaml", "status.json", "metrics.jsonl", "samples.jsonl", "train.log", "checkpoints",
-            "adapter"} <= names
+    assert {
+        "recipe.yaml",
+        "status.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "train.log",
+        "checkpoints",
+        "adapter",
+    } <= names
     assert not [n for n in names if n.endswith(".tmp")]
 
     status = run.read_status()
@@ -91,8 +117,9 @@ def test_saved_adapter_loads_and_generates(tiny_model_dir, tiny_data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trainer, _, after = train_in_process(tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs",
-                                                     train={"max_steps": 2}), tmp_path)
+    trainer, _, after = train_in_process(
+        tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs", train={"max_steps": 2}), tmp_path
+    )
     run = RunFolder(tmp_path / "runs" / "run")
     from sdft_lite.train import save_adapter
 
@@ -110,8 +137,14 @@ def test_saved_adapter_loads_and_generates(tiny_model_dir, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("kind", ["base", "live", "ema"])
 def test_4bit_lora_trains_for_each_teacher_kind(tiny_model_dir, tiny_data, tmp_path, kind):
-    recipe = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs", teacher={"kind": kind},
-                         model={"load_in_4bit": True}, train={"max_steps": 2, "save_steps": 100})
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        tiny_data,
+        tmp_path / "runs",
+        teacher={"kind": kind},
+        model={"load_in_4bit": True},
+        train={"max_steps": 2, "save_steps": 100},
+    )
     trainer, before, after = train_in_process(recipe, tmp_path)
     quantized = [m for m in trainer.model.modules() if type(m).__name__ == "Linear4bit"]
     assert quantized, "model is not 4-bit"
@@ -126,7 +159,9 @@ def test_4bit_lora_trains_for_each_teacher_kind(tiny_model_dir, tiny_data, tmp_p
             assert torch.allclose(after[n], trainer.teacher.shadow[n].to(after[n].dtype))
             student = after[n.replace(".ema.", ".default.")]
             assert not torch.equal(after[n], student) or torch.equal(before[n], student)
-        assert all(not after_p.requires_grad for n, after_p in trainer.model.named_parameters() if ".ema." in n)
+        assert all(
+            not after_p.requires_grad for n, after_p in trainer.model.named_parameters() if ".ema." in n
+        )
     else:
         assert not ema
     assert trainer.state.global_step == 2
@@ -134,8 +169,9 @@ def test_4bit_lora_trains_for_each_teacher_kind(tiny_model_dir, tiny_data, tmp_p
 
 def test_ema_update_is_exact(tiny_model_dir, tiny_data, tmp_path):
     """teacher <- (1 - rate) * teacher + rate * student, in fp32, after every optimizer step."""
-    recipe = load_recipe(None, data=tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs",
-                                                  teacher={"ema_rate": 0.25}))
+    recipe = load_recipe(
+        None, data=tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs", teacher={"ema_rate": 0.25})
+    )
     run = RunFolder(tmp_path / "runs" / "run")
     run.prepare("error")
     trainer = build_trainer(recipe, run)
@@ -176,14 +212,18 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, tiny_data, tmp_path):
 
 
 def test_bad_rows_fail_cleanly(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 200, "demonstration": "y"},
-                                              {"prompt": "ok", "demonstration": "fine"}])
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "x" * 200, "demonstration": "y"}, {"prompt": "ok", "demonstration": "fine"}],
+    )
     recipe = tiny_recipe(tiny_model_dir, data, tmp_path / "runs")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     res = cli("train", str(path), cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "row 1" in res.stderr and "data.max_prompt_tokens" in res.stderr and "on_bad_row: skip" in res.stderr
+    assert (
+        "row 1" in res.stderr and "data.max_prompt_tokens" in res.stderr and "on_bad_row: skip" in res.stderr
+    )
     assert "Traceback" not in res.stderr
     run = RunFolder(tmp_path / "runs" / "run")
     status = run.read_status()
@@ -196,11 +236,18 @@ def test_bad_rows_fail_cleanly(tiny_model_dir, tmp_path):
 
 
 def test_stop_saves_adapter(tiny_model_dir, tiny_data, tmp_path):
-    recipe = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs", train={"max_steps": 500, "save_steps": 1000})
+    recipe = tiny_recipe(
+        tiny_model_dir, tiny_data, tmp_path / "runs", train={"max_steps": 500, "save_steps": 1000}
+    )
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    proc = subprocess.Popen([sys.executable, "-m", "sdft_lite.cli", "train", str(path)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdft_lite.cli", "train", str(path)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = RunFolder(tmp_path / "runs" / "run")
     deadline = time.time() + 120
     while time.time() < deadline and run.read_status().get("step", 0) < 1:
@@ -223,10 +270,47 @@ def test_sft_method_trains(tiny_model_dir, tiny_data, tmp_path):
     assert_lora_moved_base_frozen(before, after)
 
 
+def test_sft_loss_covers_only_completion_tokens(tiny_model_dir, tiny_data, tmp_path):
+    """SFT's loss == cross-entropy over the demonstration + end-of-turn token only, computed the
+    plain transformers way (labels -100 on every prompt token), row by row, averaged over rows."""
+    import torch.nn.functional as F
+
+    recipe = load_recipe(
+        None, data=tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs", method={"name": "sft"})
+    )
+    run = RunFolder(tmp_path / "runs" / "run")
+    run.prepare("error")
+    trainer = build_trainer(recipe, run)
+    tok, model = trainer.processing_class, trainer.model
+    # The target ends with the token the chat template closes an answer with (ChatML: <|im_end|>),
+    # not the padding token, which is also in the EOS set.
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert trainer.encoder.end_of_turn_id(trainer.eos_ids) == im_end and tok.pad_token_id in trainer.eos_ids
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model.train()
+    got = trainer._sft_loss(model, batch)
+
+    per_row = []
+    for ex in batch["examples"]:
+        prompt = ex.student_ids
+        target = tok(ex.demonstration, add_special_tokens=False)["input_ids"] + [im_end]
+        ids = torch.tensor([prompt + target])
+        labels = torch.tensor([[-100] * len(prompt) + target])
+        logits = model(input_ids=ids).logits[0, :-1]
+        per_row.append(F.cross_entropy(logits, labels[0, 1:], ignore_index=-100))
+        # Same value from transformers' own labels path: prompt tokens carry no loss.
+        assert torch.allclose(model(input_ids=ids, labels=labels).loss, per_row[-1], atol=1e-5)
+    assert torch.allclose(got, torch.stack(per_row).mean(), atol=1e-5), (got, per_row)
+
+
 def test_gradient_checkpointing_and_accumulation(tiny_model_dir, tiny_data, tmp_path):
-    recipe = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs",
-                         train={"max_steps": 2, "gradient_checkpointing": True, "gradient_accumulation_steps": 2},
-                         generation={"num_generations": 2})
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        tiny_data,
+        tmp_path / "runs",
+        train={"max_steps": 2, "gradient_checkpointing": True, "gradient_accumulation_steps": 2},
+        generation={"num_generations": 2},
+    )
     trainer, before, after = train_in_process(recipe, tmp_path)
     assert trainer.state.global_step == 2
     assert_lora_moved_base_frozen(before, after)

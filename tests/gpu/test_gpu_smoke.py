@@ -48,19 +48,34 @@ def model_available() -> str | None:
         snapshot_download(MODEL, local_files_only=True)
         return None
     except Exception:
-        return (f"{MODEL} is not available offline: `hf download {MODEL}`, set SDFT_GPU_MODEL to a local "
-                "folder, or SDFT_GPU_DOWNLOAD=1")
+        return (
+            f"{MODEL} is not available offline: `hf download {MODEL}`, set SDFT_GPU_MODEL to a local "
+            "folder, or SDFT_GPU_DOWNLOAD=1"
+        )
 
 
 def recipe(backend: str, data: Path, out: Path) -> dict:
     return {
-        "model": {"name": MODEL, "backend": backend, "load_in_4bit": True, "max_seq_length": 1024,
-                  "lora": {"r": 16, "alpha": 32}},
+        "model": {
+            "name": MODEL,
+            "backend": backend,
+            "load_in_4bit": True,
+            "max_seq_length": 1024,
+            "lora": {"r": 16, "alpha": 32},
+        },
         "data": {"source": str(data), "max_prompt_tokens": 128, "max_teacher_prompt_tokens": 384},
         "generation": {"max_new_tokens": 64, "top_k": 1},
         "teacher": {"kind": "ema"},
-        "train": {"max_steps": STEPS, "batch_size": 4, "learning_rate": 1e-4, "gradient_checkpointing": True,
-                  "save_steps": 1000, "sample_steps": 1000, "seed": 0, "lr_scheduler": "constant"},
+        "train": {
+            "max_steps": STEPS,
+            "batch_size": 4,
+            "learning_rate": 1e-4,
+            "gradient_checkpointing": True,
+            "save_steps": 1000,
+            "sample_steps": 1000,
+            "seed": 0,
+            "lr_scheduler": "constant",
+        },
         "eval": {"before": False, "after": False},
         "output": {"dir": str(out), "name": backend, "if_exists": "overwrite"},
     }
@@ -70,8 +85,12 @@ def write_data(path: Path) -> Path:
     rows = []
     for a in range(2, 12):
         for b in (3, 7):
-            rows.append({"prompt": f"What is {a} times {b}? Answer with the number only.",
-                         "demonstration": f"{a} times {b} is {a * b}. The answer is {a * b}."})
+            rows.append(
+                {
+                    "prompt": f"What is {a} times {b}? Answer with the number only.",
+                    "demonstration": f"{a} times {b} is {a * b}. The answer is {a * b}.",
+                }
+            )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -97,11 +116,20 @@ def train(backend: str, results: dict, tmp: Path) -> dict:
     spec = recipe(backend, write_data(tmp / "train.jsonl"), tmp / "runs")
     path = tmp / f"{backend}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     if not DOWNLOAD:
         env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run([sys.executable, "-m", "sdft_lite.cli", "train", str(path)], capture_output=True,
-                          text=True, env=env, cwd=tmp, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "sdft_lite.cli", "train", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+        timeout=1800,
+    )
     run = tmp / "runs" / backend
     assert done.returncode == 0, done.stderr[-4000:]
     log = (run / "train.log").read_text(encoding="utf-8")
@@ -121,9 +149,11 @@ def train(backend: str, results: dict, tmp: Path) -> dict:
         "plan_gib": (plan.total - plan.phase_bytes("overhead")) / GiB,
     }
     r = results[backend]
-    print(f"\n[{backend}] {torch.cuda.get_device_name()}: losses {[round(x, 4) for x in r['losses']]}, "
-          f"peak VRAM {r['peak_vram_gib']:.2f} GiB (plan, allocator part: {r['plan_gib']:.2f} GiB), "
-          f"{r['s_per_step']:.2f} s/step")
+    print(
+        f"\n[{backend}] {torch.cuda.get_device_name()}: losses {[round(x, 4) for x in r['losses']]}, "
+        f"peak VRAM {r['peak_vram_gib']:.2f} GiB (plan, allocator part: {r['plan_gib']:.2f} GiB), "
+        f"{r['s_per_step']:.2f} s/step"
+    )
     return r
 
 
@@ -136,7 +166,11 @@ def test_five_steps(backend, results, tmp_path_factory):
 def test_first_step_losses_agree(results, tmp_path_factory):
     hf = train("hf", results, tmp_path_factory.mktemp("hf"))
     un = train("unsloth", results, tmp_path_factory.mktemp("unsloth"))
-    print(f"\nfirst-step loss: hf {hf['first_loss']:.4f}, unsloth {un['first_loss']:.4f}; "
-          f"s/step hf {hf['s_per_step']:.2f}, unsloth {un['s_per_step']:.2f}; "
-          f"peak VRAM hf {hf['peak_vram_gib']:.2f} GiB, unsloth {un['peak_vram_gib']:.2f} GiB")
-    assert abs(hf["first_loss"] - un["first_loss"]) <= ATOL + RTOL * max(abs(hf["first_loss"]), abs(un["first_loss"]))
+    print(
+        f"\nfirst-step loss: hf {hf['first_loss']:.4f}, unsloth {un['first_loss']:.4f}; "
+        f"s/step hf {hf['s_per_step']:.2f}, unsloth {un['s_per_step']:.2f}; "
+        f"peak VRAM hf {hf['peak_vram_gib']:.2f} GiB, unsloth {un['peak_vram_gib']:.2f} GiB"
+    )
+    assert abs(hf["first_loss"] - un["first_loss"]) <= ATOL + RTOL * max(
+        abs(hf["first_loss"]), abs(un["first_loss"])
+    )
