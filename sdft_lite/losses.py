@@ -279,6 +279,16 @@ def chunked_distillation_loss(
         return _token_losses(student_head(s_h).float(), teacher_logits(t_h), tgt, spec)
 
     if frozen_head and torch.is_grad_enabled() and student_hidden.requires_grad:
+        w_s, w_t = getattr(student_head, "linear_weight", None), getattr(teacher_head, "linear_weight", None)
+        if (
+            spec.support == "full"
+            and _effective_divergence(spec) == "forward"
+            and w_s is not None
+            and w_t is not None
+            and student_hidden.dtype == teacher_hidden.dtype == torch.float32
+        ):
+            return _forward_kl_linear_heads(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec,
+                                            old_logprobs, rows)  # fmt: skip
         return _fused_loss(
             student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec, old_logprobs, rows
         )
@@ -347,6 +357,54 @@ def _forward_kl_closed_form(
         del p_t
     (grad_h,) = torch.autograd.grad(s, h, grad_outputs=grad_logits)
     return loss, grad_h, tok_s, tok_t
+
+
+def _forward_kl_linear_heads(
+    student_hidden, teacher_hidden, w_s: Tensor, w_t: Tensor, target_ids, spec, old_logprobs, rows
+) -> LossOutput:
+    """The default loss (full-vocabulary forward KL, frozen fp32 linear heads) in three [rows, V]
+    buffers allocated once per call and rewritten in place for every chunk.
+
+    Same numbers as `_forward_kl_closed_form`: with shifted logits a = z - max z and
+    Z = sum exp(a), log p = a - log Z; the gradient w.r.t. the student logits is p_s - p_t and
+    w.r.t. the hidden states (p_s - p_t) @ W. Measured on CPU at vocab 152k: half the time of
+    the per-chunk version, which spent it page-faulting fresh [rows, V] tensors and temporaries.
+    """
+    with torch.no_grad():
+        n, vocab = student_hidden.shape[0], w_s.shape[0]
+        size = min(rows, n)
+        a_buf, p_buf, q_buf = (student_hidden.new_empty(size, vocab) for _ in range(3))
+        losses, grads, logps_s, logps_t = [], [], [], []
+        for s_h, t_h, tgt in zip(
+            student_hidden.detach().split(rows),
+            teacher_hidden.split(rows),
+            target_ids.split(rows),
+            strict=True,
+        ):
+            m, tgt = s_h.shape[0], tgt.unsqueeze(-1)
+            a, p_t, q = a_buf[:m], p_buf[:m], q_buf[:m]
+            # Teacher: a <- log p_t, p_t <- p_t.
+            torch.mm(t_h, w_t.t(), out=a)
+            a.sub_(a.amax(-1, keepdim=True))
+            torch.exp(a, out=p_t)
+            z = p_t.sum(-1, keepdim=True)
+            p_t.div_(z)
+            a.sub_(z.log_())
+            logps_t.append(a.gather(-1, tgt).squeeze(-1))
+            neg_entropy = a.mul_(p_t).sum(-1)  # sum p_t log p_t; a is free again
+            # Student: a <- shifted logits, q <- exp(shifted logits).
+            torch.mm(s_h, w_s.t(), out=a)
+            a.sub_(a.amax(-1, keepdim=True))
+            torch.exp(a, out=q)
+            z = q.sum(-1, keepdim=True)
+            log_z = z.log()
+            logps_s.append((a.gather(-1, tgt) - log_z).squeeze(-1))
+            cross = a.mul_(p_t).sum(-1) - log_z.squeeze(-1)  # sum p_t log p_s, as sum p_t = 1
+            losses.append(neg_entropy - cross)
+            grads.append(q.div_(z).sub_(p_t) @ w_s)  # (p_s - p_t) W
+    loss = _PrecomputedGrad.apply(student_hidden, torch.cat(losses), torch.cat(grads))
+    logp_s, logp_t = torch.cat(logps_s), torch.cat(logps_t)
+    return LossOutput(_importance_weight(loss, logp_s, old_logprobs, spec), logp_s, logp_t)
 
 
 def _fused_loss(

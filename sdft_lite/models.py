@@ -188,6 +188,10 @@ def output_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
+    # A plain bias-free fp32 linear head: the loss may then write logits into its own buffers
+    # (losses.chunked_distillation_loss). Quantized, scaled or softcapped heads stay opaque.
+    plain = type(head) is nn.Linear and head.bias is None and scale is None and not softcap
+    apply.linear_weight = head.weight if plain and head.weight.dtype == torch.float32 else None
     return apply
 
 

@@ -132,6 +132,64 @@ def test_frozen_head_fused_path_equals_naive(name):
     torch.testing.assert_close(grad_fused, grad_naive, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["forward", "is_clip"])
+def test_linear_head_buffer_path_equals_naive(name):
+    """Full-vocab forward KL with frozen fp32 linear heads (the default on CPU) runs in reused
+    buffers with the gradient in closed form: values and gradients equal the naive autograd ones."""
+    from sdft_lite.models import output_head
+
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
+    assert N % rows_per_chunk(V, spec) != 0  # several chunks, the last one partial
+    g = torch.Generator().manual_seed(5)
+    lm = nn.Linear(H, V, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        lm.weight.copy_(torch.randn(V, H, generator=g))  # peaked distributions
+
+    class Model(nn.Module):  # what output_head sees: a causal LM with a plain bias-free lm_head
+        def __init__(self):
+            super().__init__()
+            self.lm_head, self.config = lm, type("Config", (), {})()
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    head = output_head(Model())
+    assert head.linear_weight is lm.weight  # the path under test is taken
+    hs = torch.randn(N, H, generator=g).requires_grad_()
+    ht = hs.detach() + 0.7 * torch.randn(N, H, generator=g)
+    ids = torch.randint(0, V, (N,), generator=g)
+    upstream = torch.rand(N, generator=g)
+    old = _old_logprobs(head, hs, ids) if spec.is_clip else None
+
+    fast = chunked_distillation_loss(hs, ht, head, head, ids, spec, old_logprobs=old, frozen_head=True)
+    (grad_fast,) = torch.autograd.grad((fast.per_token_loss * upstream).sum(), [hs])
+    naive = naive_distillation_loss(head(hs), head(ht), ids, spec, old_logprobs=old)
+    (grad_naive,) = torch.autograd.grad((naive.per_token_loss * upstream).sum(), [hs])
+    torch.testing.assert_close(fast.per_token_loss, naive.per_token_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.student_logprobs, naive.student_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.teacher_logprobs, naive.teacher_logprobs, atol=1e-5, rtol=1e-5)
+    assert grad_naive.abs().max() > 0
+    torch.testing.assert_close(grad_fast, grad_naive, atol=1e-5, rtol=1e-4)
+
+
+def test_output_head_exposes_only_plain_linear_weights():
+    from sdft_lite.models import output_head
+
+    class Model(nn.Module):
+        def __init__(self, softcap=None, bias=False):
+            super().__init__()
+            self.lm_head = nn.Linear(H, V, bias=bias)
+            self.config = type("Config", (), {"final_logit_softcapping": softcap})()
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    assert output_head(Model()).linear_weight is not None
+    assert output_head(Model(softcap=30.0)).linear_weight is None  # the softcap must be applied
+    assert output_head(Model(bias=True)).linear_weight is None
+    assert output_head(Model().to(torch.bfloat16)).linear_weight is None
+
+
 def test_no_gradient_reaches_the_teacher():
     head, hs, ht, ids, _ = _inputs()
     ht.requires_grad_()
