@@ -415,17 +415,33 @@ class LiveTensorBytes(TorchDispatchMode):
         self._finalizers.pop(key, None)
 
 
-def _peak_loss_bytes(vocab: int, tokens: int, spec: LossSpec, chunked: bool = True) -> int:
-    """Peak bytes the loss allocates in forward + backward on a frozen [vocab, 64] lm_head."""
+def _peak_loss_bytes(
+    vocab: int, tokens: int, spec: LossSpec, chunked: bool = True, trainer_head: bool = False
+) -> int:
+    """Peak bytes the loss allocates in forward + backward on a frozen [vocab, 64] lm_head.
+
+    `trainer_head`: the head as the trainer passes it (models.output_head of a plain linear
+    lm_head, frozen_head=True), which takes the reused-buffer path for full forward KL."""
     g = torch.Generator().manual_seed(0)
-    head = nn.Linear(64, vocab, bias=False).requires_grad_(False)  # frozen, as an lm_head under LoRA
+    lm_head = nn.Linear(64, vocab, bias=False).requires_grad_(False)  # frozen, as an lm_head under LoRA
+    if trainer_head:
+        from sdft_lite.models import output_head
+
+        model = nn.Module()
+        model.lm_head, model.config = lm_head, type("Config", (), {})()
+        model.get_output_embeddings = lambda: lm_head
+        head = output_head(model)
+    else:
+        head = lm_head
     hs = torch.randn(tokens, 64, generator=g).requires_grad_()
     ht = torch.randn(tokens, 64, generator=g)
     ids = torch.randint(0, vocab, (tokens,), generator=g)
     old = torch.randn(tokens, generator=g) - 10 if spec.is_clip else None
     with LiveTensorBytes() as mem:
         if chunked:
-            out = chunked_distillation_loss(hs, ht, head, head, ids, spec, old_logprobs=old)
+            out = chunked_distillation_loss(
+                hs, ht, head, head, ids, spec, old_logprobs=old, frozen_head=trainer_head
+            )
         else:
             out = naive_distillation_loss(head(hs), head(ht), ids, spec, old_logprobs=old)
         out.per_token_loss.mean().backward()
@@ -448,6 +464,18 @@ def test_loss_peak_memory_fits_the_chunk_budget(name):
     peak = _peak_loss_bytes(vocab, 2 * rows + 3, spec)
     assert rows * vocab * 4 <= peak  # the tracker does see the chunk's fp32 logits
     assert peak <= spec.chunk_budget_mb * MIB + 0.25 * MIB  # slack for the O(N * H) tensors
+
+
+def test_trainer_default_loss_peak_memory_fits_the_chunk_budget():
+    """The path training takes by default (full forward KL, plain fp32 lm_head, gradient in forward)."""
+    spec = LossSpec(chunk_budget_mb=4.0)
+    vocab = 20_000
+    rows = rows_per_chunk(vocab, spec)
+    peak = _peak_loss_bytes(vocab, 2 * rows + 3, spec, trainer_head=True)
+    assert 3 * rows * vocab * 4 <= peak  # its three reused [rows, V] buffers are seen
+    assert peak <= spec.chunk_budget_mb * MIB + 0.25 * MIB
+    # and it stays flat in vocabulary
+    assert _peak_loss_bytes(151_936, 256, LossSpec(chunk_budget_mb=64.0), trainer_head=True) <= 65 * MIB
 
 
 def test_loss_peak_memory_does_not_grow_with_vocab_or_tokens():
