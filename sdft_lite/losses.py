@@ -281,14 +281,14 @@ def chunked_distillation_loss(
     if frozen_head and torch.is_grad_enabled() and student_hidden.requires_grad:
         w_s, w_t = getattr(student_head, "linear_weight", None), getattr(teacher_head, "linear_weight", None)
         if (
-            spec.support == "full"
+            spec.support in ("full", "topk")
             and _effective_divergence(spec) == "forward"
             and w_s is not None
             and w_t is not None
             and student_hidden.dtype == teacher_hidden.dtype == torch.float32
         ):
-            return _forward_kl_linear_heads(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec,
-                                            old_logprobs, rows)  # fmt: skip
+            fast = _forward_kl_linear_heads if spec.support == "full" else _topk_forward_kl_linear_heads
+            return fast(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec, old_logprobs, rows)
         return _fused_loss(
             student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec, old_logprobs, rows
         )
@@ -410,6 +410,79 @@ def _forward_kl_linear_heads(
             cross = b.mul_(p_t).sum(-1) - log_z.squeeze(-1)  # sum p_t log p_s, as sum p_t = 1
             losses.append(neg_entropy - cross)
             grads.append(a.div_(z).sub_(p_t) @ w_s)  # (p_s - p_t) W
+    loss = _PrecomputedGrad.apply(student_hidden, torch.cat(losses), torch.cat(grads))
+    logp_s, logp_t = torch.cat(logps_s), torch.cat(logps_t)
+    return LossOutput(_importance_weight(loss, logp_s, old_logprobs, spec), logp_s, logp_t)
+
+
+def _topk_forward_kl_linear_heads(
+    student_hidden, teacher_hidden, w_s: Tensor, w_t: Tensor, target_ids, spec, old_logprobs, rows
+) -> LossOutput:
+    """Forward KL over a top-k support (+ tail bucket) with frozen fp32 linear heads, in reused
+    buffers with the gradient in closed form (as `_forward_kl_linear_heads` for the full vocabulary).
+
+    With p the student's and q the teacher's distribution over the support (true probabilities
+    on the k ids; with the tail, one more bucket holding 1 - S, S = sum of the k student
+    probabilities), the gradient w.r.t. student logit j is, for j in the support:
+    tail: p_j - q_j; renormalised (no tail): r_j - q_j with r = p / S. Outside the support:
+    tail: p_j * (1 - q_tail / (1 - S)), unless the student's log-mass on the support was clamped
+    (`_with_tail`, S within 1e-7 of 1: then the tail has no gradient and the terms are
+    p_j (1 - q_tail), minus q_j on the support); renormalised: 0.
+    """
+    shared = w_s is w_t
+    n, vocab = student_hidden.shape[0], w_s.shape[0]
+    size, k = min(rows, n), min(spec.topk, vocab)
+    tail = spec.add_tail
+    with torch.no_grad():
+        logits_buf = student_hidden.new_empty(2 * size, vocab)  # [teacher rows; student rows]
+        p_buf = student_hidden.new_empty(size, vocab)
+        losses, grads, logps_s, logps_t = [], [], [], []
+        for s_h, t_h, tgt in zip(
+            student_hidden.detach().split(rows),
+            teacher_hidden.split(rows),
+            target_ids.split(rows),
+            strict=True,
+        ):
+            m, tgt = s_h.shape[0], tgt.unsqueeze(-1)
+            both = logits_buf[: 2 * m]
+            a, b = both[:m], both[m:]  # teacher, student logits
+            if shared:
+                torch.mm(torch.cat([t_h, s_h]), w_s.t(), out=both)
+            else:
+                torch.mm(t_h, w_t.t(), out=a)
+                torch.mm(s_h, w_s.t(), out=b)
+            both.sub_(both.amax(-1, keepdim=True))  # shifted logits: same top-k, same log-probs
+            idx = (b if spec.topk_source == "student" else a).topk(k, dim=-1).indices
+            p_s = p_buf[:m]
+            lse_t = torch.exp(a, out=p_s).sum(-1, keepdim=True).log_()
+            z_s = torch.exp(b, out=p_s).sum(-1, keepdim=True)
+            lse_s = z_s.log()
+            p_s.div_(z_s)  # the student's probabilities over the whole vocabulary
+            logps_t.append((a.gather(-1, tgt) - lse_t).squeeze(-1))
+            logps_s.append((b.gather(-1, tgt) - lse_s).squeeze(-1))
+            sup_t = a.gather(-1, idx) - lse_t  # true log-probs on the support [m, k]
+            sup_s = b.gather(-1, idx) - lse_s
+            if tail:
+                log_mass_s = torch.logsumexp(sup_s, dim=-1, keepdim=True)
+                clamped = log_mass_s > -1e-7
+                ts, tt = _with_tail(sup_s), _with_tail(sup_t)
+                q = tt.exp()
+                loss = (q * (tt - ts)).sum(-1)
+                q_tail, one_minus_s = q[:, -1:], -torch.expm1(log_mass_s.clamp(max=-1e-7))
+                # Clamped: the tail carries no gradient, and sum of q on the support is 1 - q_tail.
+                outside = torch.where(clamped, 1.0 - q_tail, 1.0 - q_tail / one_minus_s)
+                inside = torch.where(clamped, 1.0 - q_tail, torch.ones_like(q_tail))
+                g = p_s.mul_(outside)
+                g.scatter_(-1, idx, sup_s.exp() * inside - q[:, :-1])
+            else:
+                rs = sup_s - torch.logsumexp(sup_s, dim=-1, keepdim=True)
+                rt = sup_t - torch.logsumexp(sup_t, dim=-1, keepdim=True)
+                q = rt.exp()
+                loss = (q * (rt - rs)).sum(-1)
+                g = p_s.zero_()
+                g.scatter_(-1, idx, rs.exp() - q)
+            losses.append(loss)
+            grads.append(g @ w_s)
     loss = _PrecomputedGrad.apply(student_hidden, torch.cat(losses), torch.cat(grads))
     logp_s, logp_t = torch.cat(logps_s), torch.cat(logps_t)
     return LossOutput(_importance_weight(loss, logp_s, old_logprobs, spec), logp_s, logp_t)

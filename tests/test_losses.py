@@ -132,13 +132,23 @@ def test_frozen_head_fused_path_equals_naive(name):
     torch.testing.assert_close(grad_fused, grad_naive, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["forward", "is_clip"])
+BUFFER_PATH_SPECS = {
+    **{name: SPECS[name] for name in ("forward", "is_clip", "topk_student_tail", "topk_student_no_tail",
+                                      "topk_teacher_tail")},
+    # top-k = the whole vocabulary: the support holds all the mass, so the tail's log-mass is
+    # clamped (no gradient through the tail), the branch real top-100 supports hit rarely.
+    "topk_all_tail": LossSpec(support="topk", topk=V, add_tail=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BUFFER_PATH_SPECS))
 def test_linear_head_buffer_path_equals_naive(name):
-    """Full-vocab forward KL with frozen fp32 linear heads (the default on CPU) runs in reused
-    buffers with the gradient in closed form: values and gradients equal the naive autograd ones."""
+    """Forward KL (full vocabulary or top-k) with frozen fp32 linear heads (the default on CPU)
+    runs in reused buffers with the gradient in closed form: values and gradients equal the
+    naive autograd ones."""
     from sdft_lite.models import output_head
 
-    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
+    spec = dataclasses.replace(BUFFER_PATH_SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
     assert N % rows_per_chunk(V, spec) != 0  # several chunks, the last one partial
     g = torch.Generator().manual_seed(5)
     lm = nn.Linear(H, V, bias=False).requires_grad_(False)
@@ -466,9 +476,10 @@ def test_loss_peak_memory_fits_the_chunk_budget(name):
     assert peak <= spec.chunk_budget_mb * MIB + 0.25 * MIB  # slack for the O(N * H) tensors
 
 
-def test_trainer_default_loss_peak_memory_fits_the_chunk_budget():
-    """The path training takes by default (full forward KL, plain fp32 lm_head, gradient in forward)."""
-    spec = LossSpec(chunk_budget_mb=4.0)
+@pytest.mark.parametrize("name", ["forward", "topk_student_tail"])
+def test_trainer_default_loss_peak_memory_fits_the_chunk_budget(name):
+    """The path training takes by default (forward KL, plain fp32 lm_head, gradient in forward)."""
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=4.0)
     vocab = 20_000
     rows = rows_per_chunk(vocab, spec)
     peak = _peak_loss_bytes(vocab, 2 * rows + 3, spec, trainer_head=True)
