@@ -79,27 +79,19 @@ def build_app(h: Handlers) -> gr.Blocks:
             with gr.Tab("Export", id="export") as export_tab:
                 export_run = _export_tab(h)
         runs_tab.select(h.run_choices, outputs=[run_dd], api_visibility="private", show_progress="hidden")
-        compare_tab.select(
-            h.run_choices_multi,
-            inputs=[cmp_runs],
-            outputs=[cmp_runs],
-            api_visibility="private",
-            show_progress="hidden",
-        )
-        try_tab.select(
-            h.adapter_choices,
-            inputs=[try_run],
-            outputs=[try_run],
-            api_visibility="private",
-            show_progress="hidden",
-        )
-        export_tab.select(
-            h.adapter_choices,
-            inputs=[export_run],
-            outputs=[export_run],
-            api_visibility="private",
-            show_progress="hidden",
-        )
+        # Each tab's run list is refreshed when the tab opens (the selection is kept if still valid).
+        for tab, choices, dropdown in (
+            (compare_tab, h.run_choices_multi, cmp_runs),
+            (try_tab, h.adapter_choices, try_run),
+            (export_tab, h.adapter_choices, export_run),
+        ):
+            tab.select(
+                choices,
+                inputs=[dropdown],
+                outputs=[dropdown],
+                api_visibility="private",
+                show_progress="hidden",
+            )
     return demo
 
 

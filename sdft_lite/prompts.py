@@ -54,6 +54,7 @@ class PromptEncoder:
                 "data.chat_template is 'always' but the tokenizer has no chat template: set data.chat_template: never"
             )
         self.use_chat = cfg.chat_template == "always" or (cfg.chat_template == "auto" and has_template)
+        self._end_of_turn: dict[tuple[int, ...], int] = {}  # per EOS set: rendering it costs a template pass
 
     # ------------------------------------------------------------------ rendering
     def _messages(self, prompt: str | list[dict], user_text: str) -> list[dict]:
@@ -102,6 +103,12 @@ class PromptEncoder:
         """The token that ends an assistant answer: the first token of the EOS set that the chat
         template writes after an assistant message (`<|im_end|>` for ChatML, `<|eot_id|>` for
         Llama 3), else the tokenizer's eos token, else the first id of the EOS set."""
+        key = tuple(eos_ids)
+        if key not in self._end_of_turn:
+            self._end_of_turn[key] = self._find_end_of_turn(eos_ids)
+        return self._end_of_turn[key]
+
+    def _find_end_of_turn(self, eos_ids: list[int]) -> int:
         if self.use_chat:
             marker = "\u2063sdft-answer\u2063"  # text no template rewrites
             try:

@@ -125,10 +125,7 @@ def mmap_threshold_bytes(recipe: Recipe, vocab_size: int) -> int:
     """
     from .losses import _FP32_BYTES, LossSpec, rows_per_chunk
 
-    spec = LossSpec(
-        divergence=recipe.loss.divergence, alpha=recipe.loss.alpha, support=recipe.loss.support,
-        chunk_budget_mb=recipe.loss.chunk_budget_mb,
-    )  # fmt: skip
+    spec = LossSpec.from_config(recipe.loss)
     chunk_tensor = rows_per_chunk(vocab_size, spec) * vocab_size * _FP32_BYTES
     decode_tensor = recipe.train.batch_size * recipe.generation.num_generations * vocab_size * _FP32_BYTES
     return max(1 << 20, min(decode_tensor + (1 << 20), chunk_tensor // 2))

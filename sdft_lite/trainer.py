@@ -84,16 +84,7 @@ class SDFTTrainer(Trainer):
         self.run = run
         self.eos_ids = eos_ids
         self.pad_id = pad_id
-        self.spec = LossSpec(
-            divergence=recipe.loss.divergence,
-            alpha=recipe.loss.alpha,
-            support=recipe.loss.support,
-            topk=recipe.loss.topk,
-            topk_source=recipe.loss.topk_source,
-            add_tail=recipe.loss.add_tail,
-            is_clip=recipe.loss.is_clip,
-            chunk_budget_mb=recipe.loss.chunk_budget_mb,
-        )
+        self.spec = LossSpec.from_config(recipe.loss)
         # Our loss is already a per-micro-batch mean: let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)

@@ -132,6 +132,25 @@ def test_frozen_head_fused_path_equals_naive(name):
     torch.testing.assert_close(grad_fused, grad_naive, atol=1e-5, rtol=1e-4)
 
 
+class _CausalLM(nn.Module):
+    """What models.output_head reads: a causal LM's `lm_head` and config (softcap or none)."""
+
+    def __init__(self, lm_head: nn.Module, softcap: float | None = None) -> None:
+        super().__init__()
+        self.lm_head = lm_head
+        self.config = type("Config", (), {"final_logit_softcapping": softcap})()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
+def _trainer_head(lm_head: nn.Module, softcap: float | None = None):
+    """The head as the trainer passes it to the loss (models.output_head)."""
+    from sdft_lite.models import output_head
+
+    return output_head(_CausalLM(lm_head, softcap))
+
+
 BUFFER_PATH_SPECS = {
     **{name: SPECS[name] for name in ("forward", "is_clip", "topk_student_tail", "topk_student_no_tail",
                                       "topk_teacher_tail")},
@@ -146,8 +165,6 @@ def test_linear_head_buffer_path_equals_naive(name):
     """Forward KL (full vocabulary or top-k) with frozen fp32 linear heads (the default on CPU)
     runs in reused buffers with the gradient in closed form: values and gradients equal the
     naive autograd ones."""
-    from sdft_lite.models import output_head
-
     spec = dataclasses.replace(BUFFER_PATH_SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
     assert N % rows_per_chunk(V, spec) != 0  # several chunks, the last one partial
     g = torch.Generator().manual_seed(5)
@@ -155,15 +172,7 @@ def test_linear_head_buffer_path_equals_naive(name):
     with torch.no_grad():
         lm.weight.copy_(torch.randn(V, H, generator=g))  # peaked distributions
 
-    class Model(nn.Module):  # what output_head sees: a causal LM with a plain bias-free lm_head
-        def __init__(self):
-            super().__init__()
-            self.lm_head, self.config = lm, type("Config", (), {})()
-
-        def get_output_embeddings(self):
-            return self.lm_head
-
-    head = output_head(Model())
+    head = _trainer_head(lm)
     assert head.linear_weight is lm.weight  # the path under test is taken
     hs = torch.randn(N, H, generator=g).requires_grad_()
     ht = hs.detach() + 0.7 * torch.randn(N, H, generator=g)
@@ -183,21 +192,11 @@ def test_linear_head_buffer_path_equals_naive(name):
 
 
 def test_output_head_exposes_only_plain_linear_weights():
-    from sdft_lite.models import output_head
-
-    class Model(nn.Module):
-        def __init__(self, softcap=None, bias=False):
-            super().__init__()
-            self.lm_head = nn.Linear(H, V, bias=bias)
-            self.config = type("Config", (), {"final_logit_softcapping": softcap})()
-
-        def get_output_embeddings(self):
-            return self.lm_head
-
-    assert output_head(Model()).linear_weight is not None
-    assert output_head(Model(softcap=30.0)).linear_weight is None  # the softcap must be applied
-    assert output_head(Model(bias=True)).linear_weight is None
-    assert output_head(Model().to(torch.bfloat16)).linear_weight is None
+    assert _trainer_head(nn.Linear(H, V, bias=False)).linear_weight is not None
+    # the softcap must be applied
+    assert _trainer_head(nn.Linear(H, V, bias=False), softcap=30.0).linear_weight is None
+    assert _trainer_head(nn.Linear(H, V, bias=True)).linear_weight is None
+    assert _trainer_head(nn.Linear(H, V, bias=False).to(torch.bfloat16)).linear_weight is None
 
 
 def test_no_gradient_reaches_the_teacher():
@@ -434,15 +433,7 @@ def _peak_loss_bytes(
     lm_head, frozen_head=True), which takes the reused-buffer path for full forward KL."""
     g = torch.Generator().manual_seed(0)
     lm_head = nn.Linear(64, vocab, bias=False).requires_grad_(False)  # frozen, as an lm_head under LoRA
-    if trainer_head:
-        from sdft_lite.models import output_head
-
-        model = nn.Module()
-        model.lm_head, model.config = lm_head, type("Config", (), {})()
-        model.get_output_embeddings = lambda: lm_head
-        head = output_head(model)
-    else:
-        head = lm_head
+    head = _trainer_head(lm_head) if trainer_head else lm_head
     hs = torch.randn(tokens, 64, generator=g).requires_grad_()
     ht = torch.randn(tokens, 64, generator=g)
     ids = torch.randint(0, vocab, (tokens,), generator=g)
