@@ -356,6 +356,7 @@ def _rollout_and_teacher(arch: Arch, s: Settings) -> list[Component]:
             "rollout",
             "one layer's working set over the prompts; a few fp32 [sequences, vocab] tensors",
         ),
+        *_rollout_copies(arch, s),
         Component(
             "teacher forward (no grad)",
             t_tokens * (_layer_working_set(arch, db) + arch.hidden * db),
@@ -363,6 +364,26 @@ def _rollout_and_teacher(arch: Arch, s: Settings) -> list[Component]:
             f"{t_tokens} tokens: one layer's working set + final hidden states",
         ),
     ]
+
+
+def _rollout_copies(arch: Arch, s: Settings) -> list[Component]:
+    """CPU, fp32 weights: the rollout's transposed head and merged LoRA weights (sampling.py),
+    made only under their size caps."""
+    from .sampling import DECODE_HEAD_COPY_MAX_BYTES, MERGED_LORA_MAX_BYTES
+
+    if s.device != "cpu" or s.dtype_bytes != 4 or s.backend == "unsloth":
+        return []
+    out = []
+    head = arch.vocab * arch.hidden * 4
+    if head <= DECODE_HEAD_COPY_MAX_BYTES:
+        out.append(Component("rollout: transposed output head", head, "rollout", "fp32 [hidden, vocab] copy"))
+    shapes = arch.projection_shapes()
+    merged = arch.layers * sum(i * o * arch.copies(n) * 4 for n, (i, o) in shapes.items() if n in s.targets)
+    if not s.load_in_4bit and 0 < merged <= MERGED_LORA_MAX_BYTES:
+        out.append(
+            Component("rollout: merged LoRA weights", merged, "rollout", "fp32 W + BA of each LoRA layer")
+        )
+    return out
 
 
 def _student(arch: Arch, s: Settings) -> list[Component]:

@@ -112,21 +112,22 @@ def _sample(
     model.eval()  # dropout off; KV cache on
     try:
         if engine == "sdft":
-            from .sampling import sample_completions
+            from .sampling import merged_lora, sample_completions
 
-            completion, logprobs = sample_completions(
-                model,
-                prompt_ids,
-                prompt_mask,
-                max_new_tokens=cfg.max_new_tokens,
-                eos_ids=eos_ids,
-                pad_id=pad_id,
-                num_samples=num_samples,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                greedy=greedy,
-            )
+            with merged_lora(model):
+                completion, logprobs = sample_completions(
+                    model,
+                    prompt_ids,
+                    prompt_mask,
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_ids=eos_ids,
+                    pad_id=pad_id,
+                    num_samples=num_samples,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    greedy=greedy,
+                )
         else:
             completion, logprobs = _hf_generate(
                 model,

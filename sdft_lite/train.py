@@ -151,6 +151,21 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> None:
     libc.mallopt(m_mmap_threshold, int(threshold))
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim), e.g. after loading: the
+    tokenizer and the model loader leave tens of MiB freed but resident (measured: 36 MiB for a
+    152k-token tokenizer)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return
+
+
 def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None):
     """Data -> model -> prompts -> teacher -> SDFTTrainer, ready for .train()."""
     from .backends import activate_backend, load_student_for
@@ -252,6 +267,8 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     trainer.evaluator = evaluator
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(BarProgress)
+    if loaded.device.type == "cpu":
+        trim_heap()
     return trainer
 
 

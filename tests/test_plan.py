@@ -213,7 +213,15 @@ def test_plan_recipe_for_a_local_model(make_recipe, tiny_model_dir):
     plan = plan_recipe(recipe)
     assert plan.settings.device == "cuda" and plan.arch.hidden == 64
     assert plan.total < 1 * GiB and "memory plan" in format_plan(plan)
-    assert plan_recipe(recipe, device="cpu").settings.dtype_bytes == 4
+    cpu = plan_recipe(recipe, device="cpu")
+    assert cpu.settings.dtype_bytes == 4
+    # fp32 on CPU: the rollout's transposed head (and merged LoRA weights when not 4-bit) count.
+    head = next(c for c in cpu.components if c.name == "rollout: transposed output head")
+    assert head.bytes == cpu.arch.vocab * cpu.arch.hidden * 4 and head.phase == "rollout"
+    fp32 = plan_recipe(make_recipe(model={"name": str(tiny_model_dir), "load_in_4bit": False}), device="cpu")
+    assert any(c.name == "rollout: merged LoRA weights" for c in fp32.components)
+    assert not any(c.name.startswith("rollout: ") and "LoRA" in c.name for c in cpu.components)
+    assert not any("transposed" in c.name for c in plan.components)  # not on CUDA
 
 
 def test_no_refusal_without_a_visible_gpu(make_recipe):

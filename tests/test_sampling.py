@@ -3,6 +3,8 @@ transformers' generate), and its greedy path and log-probs match an unpadded for
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from scipy import stats
@@ -122,3 +124,65 @@ def test_sampled_logprobs_match_unpadded_forward_and_samples_share_prefill(model
         model, ids, mask, max_new_tokens=6, eos_ids=[-1], pad_id=tok.pad_token_id, num_samples=3, greedy=True
     )
     assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[1], greedy[2])
+
+
+def test_merged_lora_rollout_equals_the_adapter_forward(tiny_model_dir, monkeypatch):
+    """Rollouts run each plain LoRA layer as one matmul with merged weights: the same log-probs
+    and greedy tokens as PEFT's own forward, the model's weights untouched, its layers restored."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sdft_lite.sampling as sampling
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+    ).eval()
+    lora = [m for n, m in model.named_modules() if n.endswith("q_proj") or n.endswith("down_proj")]
+    with torch.no_grad():  # a LoRA update that changes the outputs
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ids, mask = left_pad([tok("abc de")["input_ids"], tok("xy")["input_ids"]], tok.pad_token_id)
+
+    with sampling.merged_lora(model):
+        assert all("forward" in m.__dict__ for m in lora)  # the merged path is the one taken
+    assert not any("forward" in m.__dict__ for m in lora)
+
+    def run(merge: bool):
+        torch.manual_seed(3)
+        with sampling.merged_lora(model) if merge else contextlib.nullcontext():
+            return sample_completions(
+                model, ids, mask, max_new_tokens=8, eos_ids=[-1], pad_id=tok.pad_token_id
+            )
+
+    merged_ids, merged_logp = run(merge=True)
+    ref_ids, ref_logp = run(merge=False)  # PEFT's own forward
+    assert torch.equal(merged_ids, ref_ids)
+    torch.testing.assert_close(merged_logp, ref_logp, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(sampling, "MERGED_LORA_MAX_BYTES", 0)  # over the cap: nothing is merged
+    with sampling.merged_lora(model):
+        assert not any("forward" in m.__dict__ for m in lora)
+    with model.disable_adapter():  # the adapter matters here
+        base_ids, _ = run(merge=True)
+    assert not torch.equal(base_ids, ref_ids)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_decode_head_gives_the_model_logits(model_and_tok, monkeypatch):
+    """The decode loop's head (the weight transposed once per rollout on CPU) gives the model's
+    own logits; above the copy cap the head module is called as it is, with the same result."""
+    import sdft_lite.sampling as sampling
+    from sdft_lite.models import output_head
+
+    model, _ = model_and_tok
+    assert output_head(model).linear_weight is not None  # a plain fp32 head: the copy is made
+    hidden = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        ref = model.get_output_embeddings()(hidden).float()
+        torch.testing.assert_close(sampling.decode_head(model)(hidden), ref, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(sampling, "DECODE_HEAD_COPY_MAX_BYTES", 0)
+        torch.testing.assert_close(sampling.decode_head(model)(hidden), ref, atol=1e-5, rtol=1e-5)
