@@ -186,3 +186,39 @@ def test_decode_head_gives_the_model_logits(model_and_tok, monkeypatch):
         torch.testing.assert_close(sampling.decode_head(model)(hidden), ref, atol=1e-5, rtol=1e-5)
         monkeypatch.setattr(sampling, "DECODE_HEAD_COPY_MAX_BYTES", 0)
         torch.testing.assert_close(sampling.decode_head(model)(hidden), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_decoder_steps_on_one_thread_sample_the_same(model_and_tok, monkeypatch):
+    """Tiny decoders run their decode steps on one intra-op thread (the head keeps all): the same
+    tokens and log-probs as with every thread, and the thread count is restored."""
+    import sdft_lite.sampling as sampling
+
+    model, tok = model_and_tok
+    ids, mask = left_pad([tok("abc de")["input_ids"], tok("xy")["input_ids"]], tok.pad_token_id)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        decoder = model.get_decoder()
+        assert sampling._tiny_decode_step(decoder, 2, model)  # the test model is tiny
+        enter, inside = sampling._OneThread.__enter__, []
+
+        def recording_enter(self):  # the thread count each decode step actually ran with
+            enter(self)
+            inside.append(torch.get_num_threads())
+
+        monkeypatch.setattr(sampling._OneThread, "__enter__", recording_enter)
+        runs = {}
+        for flops in (sampling.TINY_DECODE_STEP_FLOPS, 0):
+            monkeypatch.setattr(sampling, "TINY_DECODE_STEP_FLOPS", flops)
+            torch.manual_seed(4)
+            runs[flops] = sample_completions(
+                model, ids, mask, max_new_tokens=6, eos_ids=[-1], pad_id=tok.pad_token_id
+            )
+            assert set(inside) == ({1} if flops else {2})
+            inside.clear()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    (one_ids, one_lp), (all_ids, all_lp) = runs.values()
+    assert torch.equal(one_ids, all_ids)
+    torch.testing.assert_close(one_lp, all_lp, atol=1e-5, rtol=1e-5)
