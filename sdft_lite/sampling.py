@@ -9,7 +9,8 @@ sums, far below anything a sampler test can see (tests/test_sampling.py checks f
 
 Per token the loop runs the decoder and then the output head itself (`decode_head`: on CPU the
 fp32 head weight transposed once per rollout); the rollout caller runs it inside `merged_lora`
-(plain LoRA layers as one matmul with merged weights). Both change fp32 rounding only.
+(plain LoRA layers as one matmul with merged weights). Both change fp32 rounding only. Decode
+steps of a tiny decoder run on one intra-op thread (`_tiny_decode_step`).
 """
 
 from __future__ import annotations
