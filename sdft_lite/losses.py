@@ -413,7 +413,8 @@ def _linear_heads_loss(
                 both[:m], both[m:], scratch[:m] if scratch is not None else None, tgt.unsqueeze(-1), spec
             )
             losses.append(loss)
-            grads.append(grad_logits @ w_s if row_scale is None else (grad_logits @ w_s).mul_(row_scale))
+            grad_h = grad_logits @ w_s
+            grads.append(grad_h if row_scale is None else grad_h.mul_(row_scale))
             logps_s.append(logp_s)
             logps_t.append(logp_t)
     return _precomputed_output(student_hidden, losses, grads, logps_s, logps_t, old_logprobs, spec)

@@ -154,21 +154,17 @@ def merged_lora(model):
 TINY_DECODE_STEP_FLOPS = 50e6
 
 
-def _tiny_decode_step(decoder, rows: int, model) -> bool:
+def _tiny_decode_step(decoder, rows: int, device: torch.device) -> bool:
     """Whether one decode step's decoder work (2 x rows x non-embedding weights) is so small, on
     CPU, that waking a second thread for each of its tiny matmuls costs more than it splits. The
     output head, which reads a large weight, keeps every thread. Measured on the 2-core CPU, 4 rows
     x 128 tokens, a 0.5M-weight decoder with a 152k head: 0.94 -> 0.75 s per rollout with
     OMP_WAIT_POLICY=PASSIVE (threads sleep between ops), no change with OpenMP's default policy."""
-    if _device(decoder).type != "cpu" or torch.get_num_threads() == 1:
+    if device.type != "cpu" or torch.get_num_threads() == 1:
         return False
-    embed = causal_lm(model).get_input_embeddings().weight.numel()
+    embed = decoder.get_input_embeddings().weight.numel()
     weights = sum(p.numel() for p in decoder.parameters()) - embed
     return 2 * rows * weights < TINY_DECODE_STEP_FLOPS
-
-
-def _device(module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class _OneThread(contextlib.AbstractContextManager):
@@ -212,7 +208,7 @@ def sample_completions(
 
     device = prompt_ids.device
     decoder, head = causal_lm(model).get_decoder(), decode_head(model)
-    one_thread = _OneThread(_tiny_decode_step(decoder, prompt_ids.shape[0] * num_samples, model))
+    one_thread = _OneThread(_tiny_decode_step(decoder, prompt_ids.shape[0] * num_samples, device))
     cache = DynamicCache()
     out = decoder(
         input_ids=prompt_ids,

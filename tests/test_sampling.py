@@ -199,7 +199,7 @@ def test_tiny_decoder_steps_on_one_thread_sample_the_same(model_and_tok, monkeyp
     torch.set_num_threads(2)
     try:
         decoder = model.get_decoder()
-        assert sampling._tiny_decode_step(decoder, 2, model)  # the test model is tiny
+        assert sampling._tiny_decode_step(decoder, 2, torch.device("cpu"))  # the test model is tiny
         enter, inside = sampling._OneThread.__enter__, []
 
         def recording_enter(self):  # the thread count each decode step actually ran with
