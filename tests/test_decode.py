@@ -1,0 +1,163 @@
+"""The lean decode step (sdft_lite/decode.py) gives the generic forward's hidden states for every
+architecture it accepts, with left padding, grouped-query attention, LoRA and 4-bit layers, and
+the rollout samples the same tokens with it; models it does not accept keep the generic step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import sdft_lite.sampling as sampling
+from sdft_lite.decode import LeanDecoder
+from sdft_lite.models import position_ids_from_mask
+
+SHAPE = dict(
+    vocab_size=50,
+    hidden_size=64,
+    intermediate_size=128,  # bitsandbytes CPU 4-bit: in_features a multiple of 64
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention: two query heads per key/value head
+    max_position_embeddings=128,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SHAPE, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "qwen2": lambda: Qwen2Config(**SHAPE),  # biases on q, k, v
+    "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=32),  # q/k norms; head_dim != hidden / heads
+    "mistral": lambda: MistralConfig(**SHAPE, sliding_window=64),  # a window the rollout never reaches
+}
+
+
+def _model(arch: str, lora: bool = True, attn: str = "sdpa", **load):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = CONFIGS[arch]()
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config)
+    if load:  # 4-bit: through a saved folder, as users load it
+        import tempfile
+
+        folder = tempfile.mkdtemp()
+        model.save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, **load)
+    with torch.no_grad():  # larger weights: peaked, position-sensitive outputs
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and p.dtype == torch.float32:
+                p.mul_(3.0)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+    return model.eval()
+
+
+def _prompts():
+    ids = torch.tensor([[0, 0, 0, 5, 9, 11], [7, 3, 8, 2, 4, 6], [0, 0, 0, 0, 13, 1]])
+    return ids, (ids != 0).long()
+
+
+def _generic_and_lean(model, steps: int = 6, samples: int = 2):
+    """Hidden states of the same decode steps: the generic forward vs `LeanDecoder.step`."""
+    from sdft_lite.models import causal_lm
+
+    decoder = causal_lm(model).get_decoder()
+    ids, mask = _prompts()
+    caches = []
+    for _ in range(2):
+        cache = DynamicCache()
+        decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            past_key_values=cache,
+        )
+        cache.batch_repeat_interleave(samples)
+        caches.append(cache)
+    mask = mask.repeat_interleave(samples, 0)
+    next_pos = mask.sum(-1, keepdim=True)
+    assert LeanDecoder.supports(decoder, mask.shape[1] + steps)
+    lean = LeanDecoder(decoder, caches[1], mask, next_pos, steps)
+    tokens = torch.randint(1, 50, (steps, mask.shape[0]), generator=torch.Generator().manual_seed(1))
+    generic, ours = [], []
+    for step in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = decoder(
+            input_ids=tokens[step][:, None],
+            attention_mask=mask,
+            position_ids=next_pos + step,
+            past_key_values=caches[0],
+        )
+        generic.append(out.last_hidden_state[:, -1])
+        ours.append(lean.step(tokens[step]))
+    return torch.stack(generic), torch.stack(ours)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_lean_step_gives_the_generic_hidden_states(arch):
+    with torch.no_grad():
+        generic, ours = _generic_and_lean(_model(arch))
+    assert generic.abs().mean() > 0.1  # a non-trivial signal
+    torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_step_with_eager_attention_and_without_an_adapter():
+    with torch.no_grad():
+        generic, ours = _generic_and_lean(_model("qwen2", lora=False, attn="eager"))
+    torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_step_on_a_4bit_model_with_lora():
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = _model("llama", quantization_config=quant)
+    assert any("4bit" in type(m).__name__ for m in model.modules())
+    with torch.no_grad():
+        generic, ours = _generic_and_lean(model)
+    torch.testing.assert_close(ours, generic, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_rollouts_sample_the_same_with_the_lean_step(arch, monkeypatch):
+    model = _model(arch)
+    ids, mask = _prompts()
+    runs = {}
+    for lean in (True, False):
+        monkeypatch.setattr(sampling, "LEAN_DECODE", lean)
+        torch.manual_seed(5)
+        with sampling.merged_lora(model):
+            runs[lean] = sampling.sample_completions(
+                model, ids, mask, max_new_tokens=10, eos_ids=[-1], pad_id=0, num_samples=2
+            )
+    (lean_ids, lean_lp), (ref_ids, ref_lp) = runs[True], runs[False]
+    assert len({tuple(r) for r in ref_ids.tolist()}) > 2  # the rows really differ
+    assert torch.equal(lean_ids, ref_ids)
+    torch.testing.assert_close(lean_lp, ref_lp, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_models_keep_the_generic_step():
+    from sdft_lite.models import causal_lm
+
+    mistral = causal_lm(_model("mistral", lora=False)).get_decoder()
+    assert LeanDecoder.supports(mistral, 64)
+    assert not LeanDecoder.supports(mistral, 65)  # the sliding window would cut the prompt
+    qwen2 = Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    decoder = AutoModelForCausalLM.from_config(qwen2).get_decoder()
+    assert LeanDecoder.supports(decoder, 16) and not LeanDecoder.supports(decoder, 17)
+    from transformers import GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    assert not LeanDecoder.supports(gpt2.get_decoder() if hasattr(gpt2, "get_decoder") else gpt2, 8)
