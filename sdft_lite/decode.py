@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same in all four
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _preallocated(t: torch.Tensor, total: int) -> torch.Tensor:
+    """[B, kv heads, P, head dim] prefill keys or values -> a [B, kv heads, total, head dim] buffer
+    holding them in its first P columns."""
+    out = t.new_empty(t.shape[0], t.shape[1], total, t.shape[3])
+    out[:, :, : t.shape[2]] = t
+    return out
 
 
 class LeanDecoder:
@@ -54,27 +58,19 @@ class LeanDecoder:
         self.layers = list(decoder.layers)
         rows, width = mask.shape
         total = width + max_new_tokens
-        self.keys, self.values = [], []
-        for layer in cache.layers:
-            k, v = layer.keys, layer.values  # [B, kv heads, P, head dim]
-            kb = k.new_empty(rows, k.shape[1], total, k.shape[3])
-            vb = v.new_empty(rows, v.shape[1], total, v.shape[3])
-            kb[:, :, :width] = k
-            vb[:, :, :width] = v
-            self.keys.append(kb)
-            self.values.append(vb)
+        self.keys = [_preallocated(layer.keys, total) for layer in cache.layers]
+        self.values = [_preallocated(layer.values, total) for layer in cache.layers]
         self.attend = torch.ones(rows, 1, 1, total, dtype=torch.bool, device=mask.device)
         self.attend[:, 0, 0, :width] = mask.bool()
         positions = next_pos + torch.arange(max_new_tokens, device=mask.device)[None, :]
         probe = self.keys[0].new_empty(1)
-        cos, sin = decoder.rotary_emb(probe, positions)  # [B, T, head dim]
-        self.cos, self.sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, head dim]
-        self.length = width
-        self.step_index = 0
+        self.cos, self.sin = decoder.rotary_emb(probe, positions)  # [B, T, head dim]
+        self.width, self.steps = width, 0
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        s, at = self.step_index, self.length
-        cos, sin = self.cos[:, s : s + 1], self.sin[:, s : s + 1]  # [B, 1, 1, d]
+        s = self.steps
+        at = self.width + s  # the cache column of this token
+        cos, sin = self.cos[:, s : s + 1], self.sin[:, s : s + 1]  # [B, 1, head dim]
         x = self.decoder.embed_tokens(tokens[:, None])  # [B, 1, H]
         rows = x.shape[0]
         for i, layer in enumerate(self.layers):
@@ -86,8 +82,7 @@ class LeanDecoder:
             v = attn.v_proj(h).view(rows, 1, -1, d)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin  # [B, 1, heads, d]
-            k = k * cos + _rotate_half(k) * sin
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # [B, 1, heads, d]
             self.keys[i][:, :, at] = k[:, 0]
             self.values[i][:, :, at] = v[:, 0]
             out = F.scaled_dot_product_attention(
@@ -100,6 +95,5 @@ class LeanDecoder:
             )
             x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        self.length += 1
-        self.step_index += 1
+        self.steps += 1
         return self.decoder.norm(x)[:, -1]

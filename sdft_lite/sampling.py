@@ -256,17 +256,16 @@ def sample_completions(
         if lean is not None:
             with one_thread:
                 hidden = lean.step(tok)
-            logits = head(hidden)
-            continue
-        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
-        with one_thread:
-            out = decoder(
-                input_ids=tok[:, None],
-                attention_mask=mask,
-                position_ids=next_pos + step,
-                past_key_values=cache,
-                use_cache=True,
-            )
-        logits = head(out.last_hidden_state[:, -1])
-        cache = out.past_key_values
+        else:
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+            with one_thread:
+                out = decoder(
+                    input_ids=tok[:, None],
+                    attention_mask=mask,
+                    position_ids=next_pos + step,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            hidden, cache = out.last_hidden_state[:, -1], out.past_key_values
+        logits = head(hidden)
     return torch.stack(tokens, 1), torch.stack(logps, 1)

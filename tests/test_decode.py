@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -157,7 +158,5 @@ def test_unsupported_models_keep_the_generic_step():
     qwen2 = Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1)
     decoder = AutoModelForCausalLM.from_config(qwen2).get_decoder()
     assert LeanDecoder.supports(decoder, 16) and not LeanDecoder.supports(decoder, 17)
-    from transformers import GPT2Config
-
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
-    assert not LeanDecoder.supports(gpt2.get_decoder() if hasattr(gpt2, "get_decoder") else gpt2, 8)
+    assert not LeanDecoder.supports(gpt2.get_decoder(), 8)
