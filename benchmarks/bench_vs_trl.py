@@ -35,9 +35,8 @@ run). Rollout: prompt + completion tokens x 2P, plus 2HV per token for the last-
 causal attention; teacher forward over teacher prompt + completion with the head on completion
 positions; student forward + backward = 3x its forward. P = non-embedding weights incl. LoRA. The
 decode-bound floor prices the rollout head at the measured rate of its real shape [4, H] x [H, V]
-(the faster of the stored and the pre-transposed weight layout), which reads the whole head per
-token and is bound by memory bandwidth. Softmax, KL and sampling are
-not counted.
+(the fastest of the three layouts sampling.head_layout picks from), which reads the whole head per
+token and is bound by memory bandwidth. Softmax, KL and sampling are not counted.
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ def write_data(path: Path) -> None:
 
 def matmul_rates(device: str, dtype: str, vocabs: list[int]) -> dict:
     """FLOP/s: best of a few 2048^3 matmuls, and of the decode-time head [4, H] x [H, V] per vocabulary
-    (in the faster of the two weight layouts)."""
+    (in the fastest of the three layouts a rollout may use)."""
     import torch
 
     def best(fn, flops: float, reps: int) -> float:
@@ -135,13 +134,15 @@ def matmul_rates(device: str, dtype: str, vocabs: list[int]) -> dict:
     h = torch.randn(BATCH, HIDDEN, device=device, dtype=a.dtype)
     heads = {v: torch.randn(v, HIDDEN, device=device, dtype=a.dtype) for v in vocabs}
     heads_t = {v: w.T.contiguous() for v, w in heads.items()}
-    # The head as stored ([V, H], used transposed) and pre-transposed ([H, V]): the faster one counts.
+    # The head as stored ([V, H], used transposed), pre-transposed ([H, V]) and vocabulary-major
+    # ([V, H] x [H, B], logits [V, B]): the fastest one counts (sampling.head_layout).
     return {
         "matmul_flops": best(lambda: a @ b, 2 * 2048**3, 5),
         "decode_head_flops": {
             v: max(
                 best(lambda w=w: h @ w.T, 2 * BATCH * HIDDEN * v, 20),
                 best(lambda w=heads_t[v]: h @ w, 2 * BATCH * HIDDEN * v, 20),
+                best(lambda w=w: w @ h.T, 2 * BATCH * HIDDEN * v, 20),
             )
             for v, w in heads.items()
         },

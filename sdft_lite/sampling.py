@@ -8,8 +8,8 @@ per row) draws from the same distribution: the only difference is fp32 rounding 
 sums, far below anything a sampler test can see (tests/test_sampling.py checks frequencies).
 
 Per token the loop runs the decoder (on CPU, `decode.LeanDecoder`'s step for Llama-family
-models) and then the output head itself (`decode_head`: on CPU the
-fp32 head weight transposed once per rollout); the rollout caller runs it inside `merged_lora`
+models) and then the output head itself (`decode_head`: on CPU an fp32 head runs in the matmul
+layout this CPU's BLAS does fastest, timed once per process); the rollout caller runs it inside `merged_lora`
 (plain LoRA layers as one matmul with merged weights). Both change fp32 rounding only. Decode
 steps of a tiny decoder run on one intra-op thread (`_tiny_decode_step`).
 """
@@ -52,25 +52,61 @@ def _last_positive(x: torch.Tensor) -> torch.Tensor:
     return (x > 0).long().cumsum(-1).argmax(-1, keepdim=True)
 
 
+# Below this a row's unshifted probabilities sum too close to fp32's underflow (see `_row_masses`).
+MIN_ROW_MASS = 1e-9
+
+
+def _block_masses(probs: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, V] -> [B, ceil(V / block)] sums of consecutive blocks of `block` tokens (the last may be partial)."""
+    rows, vocab = probs.shape
+    full = vocab // block
+    mass = probs[:, : full * block].view(rows, full, block).sum(-1)
+    if full * block < vocab:
+        mass = torch.cat([mass, probs[:, full * block :].sum(-1, keepdim=True)], dim=1)
+    return mass
+
+
+def _row_masses(logits: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's probabilities up to a per-row factor, in the logits' own layout, and their block masses.
+
+    exp(logits) without the max shift of a softmax: one pass over the vocabulary instead of three.
+    In the decode loop the head's 100+ MB weight has just streamed through the cache, so every pass
+    over the [B, V] logits comes from memory (measured 0.5-1.2 ms per pass at [4, 151936] on the
+    2-core CPU), and a vocabulary-major view (see `decode_head`) makes per-row maxima strided ones.
+    Without a shift, fp32 overflows for logits above ~88 and a row whose logits all lie far below
+    zero loses precision, so rows are checked through their total: a non-finite total, or one
+    under `MIN_ROW_MASS` (the row's maximum is then below about -33, and only tokens more than ~54
+    nats under it, probability < 1e-23, could fall out of fp32's normal range), sends the batch
+    to `torch.softmax`, which shifts every row by its own maximum.
+    """
+    probs = torch.exp(logits)
+    mass = _block_masses(probs, block)
+    total = mass.sum(-1)
+    if not (torch.isfinite(total) & (total >= MIN_ROW_MASS)).all():
+        probs = torch.softmax(logits, dim=-1)
+        mass = _block_masses(probs, block)
+    return probs, mass
+
+
 def sample_from_logits(
     logits: torch.Tensor, generator: torch.Generator | None = None, block: int = SAMPLE_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row by a two-level inverse CDF. Returns (token ids [B], their log-probs [B]).
 
-    One fused softmax pass, one block-sum reduction, a cumulative sum over the few block masses,
-    then a cumulative sum inside the chosen block only: a sequential cumsum over the whole
-    vocabulary was the sampler's slowest op (measured 1.1 -> 0.36 ms per [4, 151936] row batch).
-    Exact up to fp32 rounding of the partial sums; a draw that rounding pushes past the last
-    token with mass is moved back onto it, so a zero-probability token is never returned.
+    `logits` [B, V] may be row-major or a vocabulary-major view ([V, B] storage): every pass over
+    the vocabulary is elementwise or a block sum, which runs in storage order either way. One
+    pass for the unnormalised probabilities, one block-sum reduction, a cumulative sum over the
+    few block masses, then a cumulative sum inside the chosen block only: a sequential cumsum
+    over the whole vocabulary was the sampler's slowest op (measured 1.1 -> 0.36 ms per
+    [4, 151936] row batch). Exact up to fp32 rounding of the partial sums; a draw that rounding
+    pushes past the last token with mass is moved back onto it, so a zero-probability token is
+    never returned.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    rows, vocab = probs.shape
-    full, rest = divmod(vocab, block)
-    mass = probs[:, : full * block].reshape(rows, full, block).sum(-1)
-    if rest:
-        mass = torch.cat([mass, probs[:, full * block :].sum(-1, keepdim=True)], dim=1)
+    probs, mass = _row_masses(logits.float(), block)
+    vocab = probs.shape[1]
     cdf = mass.cumsum(-1)
-    u = torch.rand(rows, 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    total = cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * total
     blk = torch.searchsorted(cdf, u, right=True).clamp_(max=mass.shape[1] - 1)
     empty = mass.gather(-1, blk) <= 0
     if empty.any():
@@ -86,29 +122,88 @@ def sample_from_logits(
     if bad.any():
         j = torch.where(bad, _last_positive(inner), j)
         p = inner.gather(-1, j)
-    return ids.gather(-1, j).squeeze(-1), p.log().squeeze(-1)
+    return ids.gather(-1, j).squeeze(-1), (p.log() - total.log()).squeeze(-1)
 
 
 DECODE_HEAD_COPY_MAX_BYTES = 128 * 2**20  # the default loss.chunk_budget_mb: no new peak
+# Heads smaller than this stay in cache, where the layouts differ by microseconds: no timing, and
+# one fixed layout (the transposed copy), so small models sample the same tokens on every run.
+HEAD_TIMING_MIN_BYTES = 8 * 2**20
+HEAD_TIMING_REPEATS = 4
+_HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads) -> the fastest layout
 
 
-def decode_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+def _timed_min(candidates: dict[str, Callable[[], object]], repeats: int) -> str:
+    """Name of the candidate with the lowest time, each called once to warm up, then `repeats`
+    times interleaved (a slow spell of a shared machine hits them all alike)."""
+    import time
+
+    best = dict.fromkeys(candidates, float("inf"))
+    for fn in candidates.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
+def head_layout(weight: torch.Tensor, rows: int) -> str:
+    """How the rollout multiplies `rows` hidden states by a CPU head weight [V, H]:
+
+    - "transposed": [B, H] x [H, V] with the weight copied into that layout for the rollout;
+    - "vocab_major": [V, H] x [H, B], logits [V, B] used through a transposed view, no copy;
+    - "linear": `F.linear`, i.e. [B, H] x [V, H]^T, no copy.
+
+    The three are the same products, but BLAS libraries run them at very different speeds, and
+    which one wins depends on the CPU. Measured at [4, 128] x [128, 151936], fp32, 2 threads, in
+    the decode loop with the sampler: on an Intel Xeon (AVX-512) 3.0 ms per token transposed vs
+    3.8 ms linear; alone, on an AMD EPYC (AVX2, MKL): 7-10 ms vocab-major vs 16-20 ms transposed
+    and 22-25 ms linear. So the first rollout times them on the
+    real weight (the transposed one on a same-shaped view of the weight's own memory, so timing
+    it copies nothing) and keeps the fastest for the process. Logits differ by fp32 rounding only.
+    """
+    can_copy = weight.nbytes <= DECODE_HEAD_COPY_MAX_BYTES and weight.is_contiguous()
+    if weight.nbytes < HEAD_TIMING_MIN_BYTES:
+        return "transposed" if can_copy else "linear"
+    key = (tuple(weight.shape), weight.dtype, rows, torch.get_num_threads())
+    if key not in _HEAD_LAYOUTS:
+        vocab, hidden = weight.shape
+        h = torch.randn(rows, hidden, dtype=weight.dtype)
+        candidates = {
+            "vocab_major": lambda: torch.mm(weight, h.t()),
+            "linear": lambda: F.linear(h, weight),
+        }
+        if can_copy:
+            same_shape = weight.view(hidden, vocab)  # the copy's shape and strides, over the same bytes
+            candidates["transposed"] = lambda: torch.mm(h, same_shape)
+        _HEAD_LAYOUTS[key] = _timed_min(candidates, HEAD_TIMING_REPEATS)
+    return _HEAD_LAYOUTS[key]
+
+
+def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Last hidden state [B, H] -> fp32 logits [B, V] for one decode step.
 
-    The output head reads its whole [V, H] weight for every generated token. On CPU, with a
-    plain fp32 linear head, the weight is transposed once per rollout: [B, H] x [H, V] with the
-    weight in that layout runs closer to memory bandwidth than `F.linear`'s [B, H] x [V, H]^T
-    (measured in the decode loop at [4, 128] x [128, 151936], 2 threads: 3.0 vs 3.8 ms per token
-    with the softmax). The copy lives for the rollout only, and is skipped for heads larger than
-    `DECODE_HEAD_COPY_MAX_BYTES`, the default loss chunk budget, so the rollout does not set a
-    new memory peak. Other heads (quantized, scaled, softcapped, GPU) are used as they are.
+    The output head reads its whole [V, H] weight for every generated token. On CPU, with a plain
+    fp32 linear head, the matmul runs in the layout `head_layout` found fastest for `rows` rows
+    (the logits may then be a vocabulary-major view, which `sample_from_logits` takes as it is).
+    A transposed copy lives for the rollout only, and is never made for heads larger than
+    `DECODE_HEAD_COPY_MAX_BYTES`, the default loss chunk budget, so the rollout does not set a new
+    memory peak. Other heads (quantized, scaled, softcapped, GPU) are used as they are.
     """
     head = output_head(model)
     weight = head.linear_weight
-    if weight is None or weight.device.type != "cpu" or weight.nbytes > DECODE_HEAD_COPY_MAX_BYTES:
+    if weight is None or weight.device.type != "cpu":
         return lambda hidden: head(hidden).float()
-    weight_t = weight.detach().t().contiguous()
-    return lambda hidden: torch.mm(hidden.to(weight_t.dtype), weight_t)
+    weight = weight.detach()
+    layout = head_layout(weight, rows)
+    if layout == "transposed":
+        weight_t = weight.t().contiguous()
+        return lambda hidden: torch.mm(hidden.to(weight_t.dtype), weight_t)
+    if layout == "vocab_major":
+        return lambda hidden: torch.mm(weight, hidden.to(weight.dtype).t()).t()
+    return lambda hidden: F.linear(hidden.to(weight.dtype), weight)
 
 
 MERGED_LORA_MAX_BYTES = 256 * 2**20
@@ -214,8 +309,9 @@ def sample_completions(
     from transformers import DynamicCache
 
     device = prompt_ids.device
-    decoder, head = causal_lm(model).get_decoder(), decode_head(model)
-    one_thread = _OneThread(_tiny_decode_step(decoder, prompt_ids.shape[0] * num_samples, device))
+    rows = prompt_ids.shape[0] * num_samples
+    decoder, head = causal_lm(model).get_decoder(), decode_head(model, rows)
+    one_thread = _OneThread(_tiny_decode_step(decoder, rows, device))
     cache = DynamicCache()
     out = decoder(
         input_ids=prompt_ids,
@@ -231,7 +327,6 @@ def sample_completions(
         cache.batch_repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, 0)
         mask = mask.repeat_interleave(num_samples, 0)
-    rows = logits.shape[0]
     next_pos = mask.sum(-1, keepdim=True)  # positions count real tokens only (left padding)
     lean = None
     if LEAN_DECODE and device.type == "cpu" and LeanDecoder.supports(decoder, mask.shape[1] + max_new_tokens):

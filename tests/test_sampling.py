@@ -27,16 +27,23 @@ def _counts(tokens: torch.Tensor) -> torch.Tensor:
     return torch.bincount(tokens.flatten(), minlength=V).double()
 
 
+def _in_layout(logits: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same [B, V] logits, stored row-major or vocabulary-major (as decode_head's
+    "vocab_major" head returns them: a transposed view of [V, B] storage)."""
+    return logits.contiguous() if layout == "row_major" else logits.t().contiguous().t()
+
+
+@pytest.mark.parametrize("layout", ["row_major", "vocab_major"])
 @pytest.mark.parametrize("block", [2048, 7])  # one block; 9 blocks, the last one partial (60 = 8 * 7 + 4)
 @pytest.mark.parametrize(
     "warp", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)]
 )
-def test_sampler_matches_reference_frequencies(warp, block):
+def test_sampler_matches_reference_frequencies(warp, block, layout):
     torch.manual_seed(0)
     logits = warp_logits(_logits(), **warp)
-    probs = torch.softmax(logits, -1)[0].double()
-    ours = _counts(sample_from_logits(logits.expand(DRAWS, V), block=block)[0])
-    ref = _counts(torch.multinomial(probs.float(), DRAWS, replacement=True))
+    probs = torch.softmax(logits.double(), -1)[0]  # the exact distribution, normalised in float64
+    ours = _counts(sample_from_logits(_in_layout(logits.expand(DRAWS, V), layout), block=block)[0])
+    ref = _counts(torch.multinomial(probs, DRAWS, replacement=True))
     support = probs > 0
     assert ours[~support].sum() == 0, "sampled a token outside the warped support"
     # Goodness of fit to the exact distribution (bins with expected count >= 5 kept whole).
@@ -48,10 +55,33 @@ def test_sampler_matches_reference_frequencies(warp, block):
     assert p_fit > 1e-3 and p_same > 1e-3, (p_fit, p_same)
 
 
+@pytest.mark.parametrize("layout", ["row_major", "vocab_major"])
+@pytest.mark.parametrize("offset", [0.0, 120.0, -150.0])  # exp as it is; overflow; underflow
+def test_unshifted_probabilities_fall_back_to_softmax_out_of_fp32_range(offset, layout):
+    """The sampler exponentiates the logits without a max shift; a batch whose logits would
+    overflow, or one row so far below zero that its mass underflows, is renormalised row by row
+    instead, and still samples from the exact distribution with the exact log-probs."""
+    from sdft_lite.sampling import _row_masses
+
+    torch.manual_seed(0)
+    base = _logits(3)[0]
+    logits = _in_layout(torch.stack([base, base + offset]).repeat(DRAWS // 2, 1), layout)
+    probs, mass = _row_masses(logits, block=7)
+    normalised = bool(torch.allclose(probs.sum(-1), torch.ones(DRAWS)))
+    assert normalised == (offset != 0.0)  # only the out-of-range batches take torch.softmax
+    torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), torch.softmax(logits, -1))
+    torch.testing.assert_close(mass.sum(-1), probs.sum(-1))
+    tokens, logp = sample_from_logits(logits, block=7)
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+    p_fit = stats.chisquare(_counts(tokens[1::2]), torch.softmax(base.double(), -1) * (DRAWS // 2)).pvalue
+    assert p_fit > 1e-3, p_fit
+
+
+@pytest.mark.parametrize("layout", ["row_major", "vocab_major"])
 @pytest.mark.parametrize("block", [2048, 7])
-def test_sampler_logprobs_are_the_warped_logprobs(block):
+def test_sampler_logprobs_are_the_warped_logprobs(block, layout):
     logits = warp_logits(_logits(1), temperature=1.0, top_k=10, top_p=1.0).expand(64, V)
-    tokens, logp = sample_from_logits(logits, block=block)
+    tokens, logp = sample_from_logits(_in_layout(logits, layout), block=block)
     assert torch.isfinite(logp).all()
     ref = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(logp, ref)
@@ -172,20 +202,56 @@ def test_merged_lora_rollout_equals_the_adapter_forward(tiny_model_dir, monkeypa
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_decode_head_gives_the_model_logits(model_and_tok, monkeypatch):
-    """The decode loop's head (the weight transposed once per rollout on CPU) gives the model's
-    own logits; above the copy cap the head module is called as it is, with the same result."""
+def test_decode_head_gives_the_model_logits_in_every_layout(model_and_tok, monkeypatch):
+    """The decode loop's head gives the model's own logits in each matmul layout it may pick
+    (transposed copy, vocabulary-major, F.linear), and without the copy above its size cap."""
     import sdft_lite.sampling as sampling
     from sdft_lite.models import output_head
 
     model, _ = model_and_tok
-    assert output_head(model).linear_weight is not None  # a plain fp32 head: the copy is made
+    assert output_head(model).linear_weight is not None  # a plain fp32 head
     hidden = torch.randn(3, model.config.hidden_size)
     with torch.no_grad():
         ref = model.get_output_embeddings()(hidden).float()
-        torch.testing.assert_close(sampling.decode_head(model)(hidden), ref, atol=1e-5, rtol=1e-5)
+        assert sampling.head_layout(output_head(model).linear_weight, 3) == "transposed"  # small: fixed
+        for layout in ("transposed", "vocab_major", "linear"):
+            monkeypatch.setattr(sampling, "head_layout", lambda weight, rows, layout=layout: layout)
+            logits = sampling.decode_head(model, 3)(hidden)
+            assert logits.shape == ref.shape and logits.is_contiguous() == (layout != "vocab_major")
+            torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+        monkeypatch.undo()
         monkeypatch.setattr(sampling, "DECODE_HEAD_COPY_MAX_BYTES", 0)
-        torch.testing.assert_close(sampling.decode_head(model)(hidden), ref, atol=1e-5, rtol=1e-5)
+        assert sampling.head_layout(output_head(model).linear_weight, 3) == "linear"
+        torch.testing.assert_close(sampling.decode_head(model, 3)(hidden), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_head_layout_times_large_heads_once_per_shape(monkeypatch):
+    """A head above HEAD_TIMING_MIN_BYTES is timed in every layout, once per (shape, rows,
+    threads), each candidate a real [rows, H] x [H, V] product; over the copy cap the transposed
+    layout is not a candidate."""
+    import sdft_lite.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_HEAD_LAYOUTS", {})
+    weight = torch.randn(16_384, 160)  # 10 MiB
+    assert weight.nbytes >= sampling.HEAD_TIMING_MIN_BYTES
+    timed, calls, rows = sampling._timed_min, [], 4
+
+    def recording(candidates, repeats):
+        calls.extend((name, fn().numel() == rows * weight.shape[0]) for name, fn in candidates.items())
+        return timed(candidates, repeats)
+
+    monkeypatch.setattr(sampling, "_timed_min", recording)
+    first = sampling.head_layout(weight, rows)
+    assert first in ("transposed", "vocab_major", "linear")
+    assert sampling.head_layout(weight, rows) == first and len(calls) == 3  # cached: timed once
+    rows = 2
+    sampling.head_layout(weight, rows)  # another row count is timed on its own
+    assert sorted(calls) == sorted([(n, True) for n in ("transposed", "vocab_major", "linear")] * 2)
+    monkeypatch.setattr(sampling, "DECODE_HEAD_COPY_MAX_BYTES", weight.nbytes - 1)
+    calls.clear()
+    rows = 3
+    assert sampling.head_layout(weight, rows) in ("vocab_major", "linear")
+    assert sorted(calls) == [("linear", True), ("vocab_major", True)]
 
 
 def test_tiny_decoder_steps_on_one_thread_sample_the_same(model_and_tok, monkeypatch):
