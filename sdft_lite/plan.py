@@ -376,7 +376,14 @@ def _rollout_copies(arch: Arch, s: Settings) -> list[Component]:
     out = []
     head = arch.vocab * arch.hidden * 4
     if head <= DECODE_HEAD_COPY_MAX_BYTES:
-        out.append(Component("rollout: transposed output head", head, "rollout", "fp32 [hidden, vocab] copy"))
+        out.append(
+            Component(
+                "rollout: transposed output head",
+                head,
+                "rollout",
+                "fp32 [hidden, vocab] copy, made where that matmul layout is this CPU's fastest",
+            )
+        )
     shapes = arch.projection_shapes()
     merged = arch.layers * sum(i * o * arch.copies(n) * 4 for n, (i, o) in shapes.items() if n in s.targets)
     if not s.load_in_4bit and 0 < merged <= MERGED_LORA_MAX_BYTES:
@@ -407,7 +414,8 @@ def _student(arch: Arch, s: Settings) -> list[Component]:
             "loss chunks",
             _loss_bytes(arch.vocab, loss_tokens, s),
             "student",
-            f"{loss_tokens} completion tokens, loss.chunk_budget_mb {s.chunk_budget_mb:g}",
+            f"{loss_tokens} completion tokens, loss.chunk_budget_mb {s.chunk_budget_mb:g}"
+            + (", vocabulary tiles" if _vocab_tiled(s) else ""),
         ),
     ]
     if s.method == "sdft":
@@ -436,9 +444,19 @@ def _saved_per_token_layer(arch: Arch, s: Settings) -> int:
     return 6 * arch.hidden * 4 + 5 * qdim * db + 4 * mlp * db
 
 
+def _vocab_tiled(s: Settings) -> bool:
+    """Whether the loss streams the head in vocabulary tiles (tiled_loss.vocab_tiled_loss): forward KL
+    over the full vocabulary or a top-k support, with an fp32 head (CPU; assumes a plain linear head)."""
+    forward = s.divergence == "forward" or (s.divergence == "jsd" and s.alpha == 0.0)
+    return s.method == "sdft" and s.dtype_bytes == 4 and forward and s.support in ("full", "topk")
+
+
 def _loss_bytes(vocab: int, tokens: int, s: Settings) -> int:
     from .losses import LossSpec, rows_per_chunk
+    from .tiled_loss import TILE_BYTES
 
+    if _vocab_tiled(s):
+        return int(min(TILE_BYTES, s.chunk_budget_mb * MiB))
     spec = LossSpec(
         divergence=s.divergence, alpha=s.alpha, support=s.support, chunk_budget_mb=s.chunk_budget_mb
     )

@@ -120,8 +120,9 @@ def mmap_threshold_bytes(recipe: Recipe, vocab_size: int) -> int:
     Below it sit the per-token rollout tensors ([batch * generations, vocab] fp32 logits and
     probabilities, allocated and freed 2-3 times per generated token): served from the heap they
     are reused in place, instead of paying a fresh mmap and its page faults each time (measured:
-    that alone was ~15 % of a CPU step at vocab 152k). Above it sit the loss's [rows, vocab] chunk
-    tensors, tens of MiB each, which the heap would keep resident after the loss.
+    that alone was ~15 % of a CPU step at vocab 152k). Above it sit the loss's buffers (tens of MiB
+    per [rows, vocab] chunk; the vocabulary tiles of an fp32 head, a few MiB each, for batches up to
+    a few rows), which the heap would keep resident after the loss.
     """
     from .losses import _FP32_BYTES, LossSpec, rows_per_chunk
 

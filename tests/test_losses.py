@@ -152,7 +152,7 @@ def _trainer_head(lm_head: nn.Module, softcap: float | None = None):
     return output_head(_CausalLM(lm_head, softcap))
 
 
-BUFFER_PATH_SPECS = {
+TILED_PATH_SPECS = {
     **{name: SPECS[name] for name in ("forward", "is_clip", "topk_student_tail", "topk_student_no_tail",
                                       "topk_teacher_tail")},
     # top-k = the whole vocabulary: the support holds all the mass, so the tail's log-mass is
@@ -161,35 +161,82 @@ BUFFER_PATH_SPECS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(BUFFER_PATH_SPECS))
-def test_linear_head_buffer_path_equals_naive(name):
+@pytest.mark.parametrize("teacher_head", ["shared", "own"])  # the self-teacher; an external teacher's head
+@pytest.mark.parametrize("group_rows", [1024, 16])  # one row group; three, the last one partial
+@pytest.mark.parametrize("name", list(TILED_PATH_SPECS))
+def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, monkeypatch):
     """Forward KL (full vocabulary or top-k) with frozen fp32 linear heads (the default on CPU)
-    runs in reused buffers with the gradient in closed form: values and gradients equal the
-    naive autograd ones."""
-    spec = dataclasses.replace(BUFFER_PATH_SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
-    assert N % rows_per_chunk(V, spec) != 0  # several chunks, the last one partial
+    streams the head in vocabulary tiles with the gradient in closed form: values and gradients
+    equal the naive autograd ones."""
+    import sdft_lite.tiled_loss as tiled
+
+    spec = dataclasses.replace(TILED_PATH_SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
+    monkeypatch.setattr(tiled, "GROUP_ROWS", group_rows)
+    tile = tiled._tile_columns(min(N, group_rows), V, int(TINY_BUDGET_MB * 2**20))
+    assert tile < V and V % tile != 0  # several vocabulary tiles, the last one partial
     g = torch.Generator().manual_seed(5)
     lm = nn.Linear(H, V, bias=False).requires_grad_(False)
     with torch.no_grad():
         lm.weight.copy_(torch.randn(V, H, generator=g))  # peaked distributions
-
     head = _trainer_head(lm)
     assert head.linear_weight is lm.weight  # the path under test is taken
+    if teacher_head == "own":
+        other = nn.Linear(H, V, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            other.weight.copy_(lm.weight + 0.5 * torch.randn(V, H, generator=g))
+        t_head = _trainer_head(other)
+    else:
+        t_head = head
     hs = torch.randn(N, H, generator=g).requires_grad_()
     ht = hs.detach() + 0.7 * torch.randn(N, H, generator=g)
     ids = torch.randint(0, V, (N,), generator=g)
     upstream = torch.rand(N, generator=g)
     old = _old_logprobs(head, hs, ids) if spec.is_clip else None
 
-    fast = chunked_distillation_loss(hs, ht, head, head, ids, spec, old_logprobs=old, frozen_head=True)
+    fast = chunked_distillation_loss(hs, ht, head, t_head, ids, spec, old_logprobs=old, frozen_head=True)
     (grad_fast,) = torch.autograd.grad((fast.per_token_loss * upstream).sum(), [hs])
-    naive = naive_distillation_loss(head(hs), head(ht), ids, spec, old_logprobs=old)
+    naive = naive_distillation_loss(head(hs), t_head(ht), ids, spec, old_logprobs=old)
     (grad_naive,) = torch.autograd.grad((naive.per_token_loss * upstream).sum(), [hs])
     torch.testing.assert_close(fast.per_token_loss, naive.per_token_loss, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast.student_logprobs, naive.student_logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.teacher_logprobs, naive.teacher_logprobs, atol=1e-5, rtol=1e-5)
     assert grad_naive.abs().max() > 0
     torch.testing.assert_close(grad_fast, grad_naive, atol=1e-5, rtol=1e-4)
+
+
+def test_running_topk_keeps_the_k_largest_of_each_row_over_tiles():
+    """The tiled loss's top-k support: the same entries as torch.topk over the whole row, with the
+    other side's values at the same ids, for tiles of any width (ties included); and every entry a
+    tile offered is either in the final support or handed back exactly once, so the sum over the
+    ids outside the support counts each of them once."""
+    from sdft_lite.tiled_loss import _RunningTopK
+
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(6, 500, generator=g) * 3).round()  # few distinct values: many ties
+    x[2] = torch.linspace(-5, 5, 500)  # rising: every tile holds more than k entries above the threshold
+    other = torch.randn(6, 500, generator=g)
+    for tile, k in [(37, 20), (500, 20), (7, 30), (64, 500), (16, 3)]:
+        top = _RunningTopK(6, k, x.dtype, x.device, source_is_student=False)
+        offered = torch.zeros(6, 500, dtype=torch.int)
+        dropped = torch.zeros(6, 500, dtype=torch.int)
+        for start in range(0, 500, tile):
+            rows, cols = top.offer(x[:, start : start + tile], other[:, start : start + tile], start)
+            offered[rows, cols + start] += 1
+            assert top._queued.max() < 2 * k  # bounded: a row queues at most k a tile, merged at k
+            if top.full() or start + tile >= 500:
+                out = top.merge()
+                if out is not None:
+                    assert torch.equal(out[0], out[0].sort().values)  # sorted by row
+                    assert torch.equal(out[2], other[out[0], out[1]])  # the student's (other side's) logits
+                    dropped[out[0], out[1]] += 1
+        assert all(len(set(row)) == k for row in top.ids.tolist())  # k distinct ids per row
+        torch.testing.assert_close(
+            top.values.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values, rtol=0, atol=0
+        )
+        assert torch.equal(x.gather(-1, top.ids), top.values)
+        assert torch.equal(other.gather(-1, top.ids), top.other)
+        final = torch.zeros(6, 500, dtype=torch.int).scatter_(1, top.ids, 1)
+        assert offered.max() <= 1 and torch.equal(offered, final + dropped)
 
 
 def test_output_head_exposes_only_plain_linear_weights():
@@ -431,7 +478,7 @@ def _peak_loss_bytes(
     """Peak bytes the loss allocates in forward + backward on a frozen [vocab, 64] lm_head.
 
     `trainer_head`: the head as the trainer passes it (models.output_head of a plain linear
-    lm_head, frozen_head=True), which takes the reused-buffer path for full forward KL."""
+    lm_head, frozen_head=True), which takes the vocabulary-tiled path for forward KL."""
     g = torch.Generator().manual_seed(0)
     lm_head = nn.Linear(64, vocab, bias=False).requires_grad_(False)  # frozen, as an lm_head under LoRA
     head = _trainer_head(lm_head) if trainer_head else lm_head
@@ -470,15 +517,20 @@ def test_loss_peak_memory_fits_the_chunk_budget(name):
 
 @pytest.mark.parametrize("name", ["forward", "topk_student_tail"])
 def test_trainer_default_loss_peak_memory_fits_the_chunk_budget(name):
-    """The path training takes by default (forward KL, plain fp32 lm_head, gradient in forward)."""
+    """The path training takes by default (forward KL, plain fp32 lm_head, gradient in forward):
+    vocabulary tiles whose buffers fit the budget, and at most TILE_BYTES whatever the budget,
+    the vocabulary or the number of tokens."""
+    import sdft_lite.tiled_loss as tiled
+
     spec = dataclasses.replace(SPECS[name], chunk_budget_mb=4.0)
-    vocab = 20_000
-    rows = rows_per_chunk(vocab, spec)
-    peak = _peak_loss_bytes(vocab, 2 * rows + 3, spec, trainer_head=True)
-    assert 2 * rows * vocab * 4 <= peak  # its reused [2 rows, V] logits buffer is seen
+    vocab, tokens = 20_000, 29
+    peak = _peak_loss_bytes(vocab, tokens, spec, trainer_head=True)
+    tile = tiled._tile_columns(tokens, vocab, int(spec.chunk_budget_mb * MIB))
+    assert tile < vocab and 2 * (2 * tokens) * tile * 4 <= peak  # the tracker sees the two tile buffers
     assert peak <= spec.chunk_budget_mb * MIB + 0.25 * MIB
-    # and it stays flat in vocabulary
-    assert _peak_loss_bytes(151_936, 256, LossSpec(chunk_budget_mb=64.0), trainer_head=True) <= 65 * MIB
+    default = dataclasses.replace(SPECS[name], chunk_budget_mb=128.0)
+    for vocab, tokens in [(151_936, 256), (32_000, 1024)]:
+        assert _peak_loss_bytes(vocab, tokens, default, trainer_head=True) <= tiled.TILE_BYTES + 0.5 * MIB
 
 
 def test_loss_peak_memory_does_not_grow_with_vocab_or_tokens():

@@ -222,6 +222,12 @@ def test_plan_recipe_for_a_local_model(make_recipe, tiny_model_dir):
     assert any(c.name == "rollout: merged LoRA weights" for c in fp32.components)
     assert not any(c.name.startswith("rollout: ") and "LoRA" in c.name for c in cpu.components)
     assert not any("transposed" in c.name for c in plan.components)  # not on CUDA
+    # fp32 forward KL streams the head in vocabulary tiles: at most tiled_loss.TILE_BYTES of loss buffers.
+    from sdft_lite.tiled_loss import TILE_BYTES
+
+    loss = next(c for c in cpu.components if c.name == "loss chunks")
+    assert loss.bytes == min(TILE_BYTES, recipe.loss.chunk_budget_mb * 2**20) and "tiles" in loss.detail
+    assert "tiles" not in next(c for c in plan.components if c.name == "loss chunks").detail  # bf16
 
 
 def test_no_refusal_without_a_visible_gpu(make_recipe):

@@ -1,0 +1,266 @@
+"""The distillation loss for frozen fp32 linear heads (the CPU default): forward KL over the
+full vocabulary or a top-k support, computed by streaming the head weight in vocabulary tiles past
+every completion row at once, with the gradient w.r.t. the student's hidden states in closed form.
+
+`losses.chunked_distillation_loss` calls `vocab_tiled_loss` when it applies; its results equal
+`losses.naive_distillation_loss` up to fp32 rounding (tests/test_losses.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .losses import _FP32_BYTES, LossOutput, LossSpec, _precomputed_output, _rowdot, _with_tail
+
+# The vocabulary-tiled loss (frozen fp32 linear heads, forward KL) of one row group allocates at
+# most this much (or the chunk budget, if smaller): its [2 n, tile] logits and probability buffers
+# take three quarters, so each tile's elementwise work runs in cache while the head weight streams
+# past, and the top-k's [n, k]-sized bookkeeping the rest.
+TILE_BYTES = 16 * 2**20
+GROUP_ROWS = 512  # student rows per group (the head weight streams past once per group)
+
+
+def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec, old_logprobs) -> LossOutput:
+    """Forward KL over the full vocabulary or a top-k support, with frozen fp32 linear heads,
+    computed by streaming the head weight in vocabulary tiles past all rows of a group at once.
+
+    Per tile: one [2 n, H] x [H, tile] matmul for teacher and student rows, running maxima and
+    sums of exp (the online softmax of FlashAttention), and the running sums the loss and its
+    gradient need; nothing of size [rows, V] is ever held. With p the student's and q the
+    teacher's distribution and W the student's head, the gradient w.r.t. a student hidden state
+    is E_p[W] - E_q[W] for the full vocabulary, so each row keeps sum_v exp(logit_v - m) W_v, one
+    [2 n, tile] x [tile, H] matmul per tile; a top-k support needs the student's sum over the ids
+    outside the support and k head rows per row (`_topk_from_tiles`).
+
+    Measured against the row-chunked loss it replaced (a [2 x 55, V] buffer per chunk), at vocab
+    151,936, 500 rows, H 128, on the 2-core AMD EPYC: full vocabulary 1.05-1.12 vs 1.40-1.49 s,
+    top-k 100 + tail 1.05-1.27 vs 1.23-1.41 s, with at most 16 MiB of buffers instead of 64-100
+    MiB. The matmuls take 1,000 rows at a time instead of 110 and run at the machine's 2048^3
+    matmul rate; that pays for the full vocabulary's extra [n, tile] x [tile, H] product.
+    """
+    budget = min(TILE_BYTES, int(spec.chunk_budget_mb * 2**20))
+    finish = _full_from_tiles if spec.support == "full" else _topk_from_tiles
+    losses, grads, logps_s, logps_t = [], [], [], []
+    with torch.no_grad():
+        for s_h, t_h, tgt in zip(
+            student_hidden.detach().split(GROUP_ROWS),
+            teacher_hidden.split(GROUP_ROWS),
+            target_ids.split(GROUP_ROWS),
+            strict=True,
+        ):
+            tiles = _stream_tiles(s_h, t_h, w_s, w_t, spec, budget)
+            loss, grad = finish(tiles, spec)
+            lse_t, lse_s = tiles.lse[: len(s_h)].squeeze(-1), tiles.lse[len(s_h) :].squeeze(-1)
+            losses.append(loss)
+            grads.append(grad)
+            logps_s.append(_rowdot(s_h, w_s[tgt]) - lse_s)
+            logps_t.append(_rowdot(t_h, w_t[tgt]) - lse_t)
+    return _precomputed_output(student_hidden, losses, grads, logps_s, logps_t, old_logprobs, spec)
+
+
+@dataclass
+class _Tiles:
+    """What one pass over the vocabulary leaves for a group of n rows (teacher rows first, then
+    the student's), each sum taken with exp(logit - m) for the row's final maximum m."""
+
+    lse: Tensor  # [2n, 1] log-sum-exp of every row's logits
+    z: Tensor  # [2n, 1] sum of exp(logit - m)
+    cross: Tensor | None  # full: [n, 1] sum over v of exp(a_v - m_t) (a_v - b_v), a teacher, b student
+    # sums of exp(logit - m) W_v: every row's [2n, H] (full); the student's off the support [n, H] (tail)
+    g: Tensor | None
+    top: _RunningTopK | None  # top-k: the support, with both sides' logits on it
+    w_s: Tensor  # the student's head weight [V, H]
+
+
+def _tile_columns(rows: int, vocab: int, budget: int) -> int:
+    """Vocabulary columns per tile for a group of `rows` student rows: the two fp32 [2 rows, tile]
+    buffers and the top-k's [rows, tile] bool mask within three quarters of `budget` bytes."""
+    return max(64, min(vocab, 3 * budget // (4 * rows * (4 * _FP32_BYTES + 1))) // 16 * 16)
+
+
+def _stream_tiles(s_h: Tensor, t_h: Tensor, w_s: Tensor, w_t: Tensor, spec: LossSpec, budget: int) -> _Tiles:
+    n, vocab = s_h.shape[0], w_s.shape[0]
+    full, tail = spec.support == "full", spec.support == "topk" and spec.add_tail
+    both = torch.cat([t_h, s_h])
+    tile = min(_tile_columns(n, vocab, budget), vocab)
+    logits_buf, probs_buf = both.new_empty(2 * n * tile), both.new_empty(2 * n * tile)
+    m = both.new_full((2 * n, 1), float("-inf"))
+    z = both.new_zeros(2 * n, 1)
+    cross = both.new_zeros(n, 1) if full else None
+    g = both.new_zeros(2 * n if full else n, both.shape[1]) if full or tail else None
+    top = None
+    if not full:
+        top = _RunningTopK(n, min(spec.topk, vocab), both.dtype, both.device, spec.topk_source == "student")
+    for start in range(0, vocab, tile):
+        cols = min(tile, vocab - start)
+        # Contiguous [2n, cols] views (the last tile is narrower): the matmul writes in place.
+        logits, probs = (
+            logits_buf[: 2 * n * cols].view(2 * n, cols),
+            probs_buf[: 2 * n * cols].view(2 * n, cols),
+        )
+        w = w_s[start : start + cols]
+        if w_s is w_t:  # the self-teacher: one matmul for both sides
+            torch.mm(both, w.t(), out=logits)
+        else:
+            torch.mm(t_h, w_t[start : start + cols].t(), out=logits[:n])
+            torch.mm(s_h, w.t(), out=logits[n:])
+        a, b = logits[:n], logits[n:]
+        if top is not None:  # this tile's candidates for the support, queued for the next merge
+            queued = top.offer(b, a, start) if top.source_is_student else top.offer(a, b, start)
+        m_new = torch.maximum(m, logits.amax(-1, keepdim=True))
+        rescale = (m - m_new).exp_()  # earlier sums were taken with the smaller maximum (0 at first)
+        m = m_new
+        torch.sub(logits, m, out=probs).exp_()
+        z.mul_(rescale).add_(probs.sum(-1, keepdim=True))
+        if full:
+            cross.mul_(rescale[:n]).add_(a.sub_(b).mul_(probs[:n]).sum(-1, keepdim=True))  # a is spent
+            g.mul_(rescale).addmm_(probs, w)
+        elif tail:  # the student's sum over the ids outside the support (see _RunningTopK)
+            p_s = probs[n:]
+            p_s[queued] = 0.0  # candidates: added back if they do not stay in the support
+            g.mul_(rescale[n:]).addmm_(p_s, w)
+        if top is not None and (top.full() or start + cols == vocab):
+            dropped = top.merge()
+            if tail and dropped is not None:
+                rows, ids, student_logits = dropped
+                bags = torch.bincount(rows, minlength=n)  # rows come sorted: one bag of ids per row
+                weights = (student_logits - m[n:][rows, 0]).exp_()
+                g.add_(
+                    F.embedding_bag(ids, w_s, bags.cumsum(0) - bags, mode="sum", per_sample_weights=weights)
+                )
+    return _Tiles(m + z.log(), z, cross, g, top, w_s)
+
+
+def _full_from_tiles(tiles: _Tiles, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    """KL(q || p) = sum q (a - b) - lse_t + lse_s, and its gradient E_p[W] - E_q[W]."""
+    n = tiles.cross.shape[0]
+    z_t, z_s = tiles.z[:n], tiles.z[n:]
+    loss = (tiles.cross / z_t - tiles.lse[:n] + tiles.lse[n:]).squeeze(-1)
+    return loss, tiles.g[n:] / z_s - tiles.g[:n] / z_t
+
+
+def _topk_from_tiles(tiles: _Tiles, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    """Forward KL over the top-k support (+ tail bucket) and its gradient w.r.t. the student's
+    hidden states.
+
+    With p the student's and q the teacher's distribution over the support (true probabilities on
+    the k ids; with the tail, one more bucket holding 1 - S, S = sum of the k student
+    probabilities), the gradient w.r.t. student logit j is, for j in the support:
+    tail: p_j - q_j; renormalised (no tail): r_j - q_j with r = p / S. Outside the support:
+    tail: p_j * (1 - q_tail / (1 - S)), unless the student's log-mass on the support was clamped
+    (`_with_tail`, S within 1e-7 of 1: then the tail has no gradient and the terms are
+    p_j (1 - q_tail), minus q_j on the support); renormalised: 0. So the gradient w.r.t. the
+    hidden state is sum_j g_j W_j over the k support ids (`embedding_bag`) plus `outside` times
+    the student's sum of p_v W_v over every other id, which the pass keeps apart from the support
+    (`_RunningTopK`): it is never taken as E_p[W] minus the support's share, a difference that
+    loses fp32 precision when the student's tail mass is tiny and `outside` is large.
+    """
+    n, top = tiles.top.ids.shape[0], tiles.top
+    lse_t, lse_s = tiles.lse[:n], tiles.lse[n:]
+    s_sup = (top.values if top.source_is_student else top.other) - lse_s  # true log-probs on the support
+    t_sup = (top.other if top.source_is_student else top.values) - lse_t
+    if spec.add_tail:
+        log_mass_s = torch.logsumexp(s_sup, dim=-1, keepdim=True)
+        clamped = log_mass_s > -1e-7
+        ts, tt = _with_tail(s_sup), _with_tail(t_sup)
+        q = tt.exp()
+        loss = (q * (tt - ts)).sum(-1)
+        q_tail, one_minus_s = q[:, -1:], -torch.expm1(log_mass_s.clamp(max=-1e-7))
+        outside = torch.where(clamped, 1.0 - q_tail, 1.0 - q_tail / one_minus_s)
+        inside = torch.where(clamped, 1.0 - q_tail, torch.ones_like(q_tail))
+        on_support = s_sup.exp() * inside - q[:, :-1]
+        dense = tiles.g * (outside / tiles.z[n:])  # outside * sum of p_v W_v off the support
+    else:
+        rs = s_sup - torch.logsumexp(s_sup, dim=-1, keepdim=True)
+        rt = t_sup - torch.logsumexp(t_sup, dim=-1, keepdim=True)
+        q = rt.exp()
+        loss = (q * (rt - rs)).sum(-1)
+        on_support, dense = rs.exp() - q, 0.0
+    support = F.embedding_bag(top.ids, tiles.w_s, per_sample_weights=on_support, mode="sum")
+    return loss, support + dense
+
+
+class _RunningTopK:
+    """The k largest logits of each row over the vocabulary tiles (the top-k support), their ids,
+    and the other side's logits at the same ids (teacher or student).
+
+    Each tile offers its entries above the row's k-th value at the last merge: past the first
+    tiles a handful per row, found through the maxima of blocks of `BLOCK` entries (a row with
+    more than k gives the tile's own top-k instead). They queue until some row has k of them; a merge then keeps the k largest
+    of the support and the queue, and hands back the entries that did not stay.
+    """
+
+    BLOCK = 16  # entries per block of the per-tile filter
+
+    def __init__(self, rows: int, k: int, dtype: torch.dtype, device: torch.device, source_is_student: bool):
+        self.source_is_student = source_is_student
+        self.values = torch.full((rows, k), float("-inf"), dtype=dtype, device=device)
+        self.other = torch.zeros(rows, k, dtype=dtype, device=device)
+        self.ids = torch.zeros(rows, k, dtype=torch.long, device=device)
+        self._queue: list[tuple[Tensor, ...]] = []  # per tile: rows, ids, source and other logits
+        self._queued = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def offer(self, source: Tensor, other: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Queue a tile's candidates (`source`, `other`: its [rows, cols] logits; `start`: its first
+        vocabulary id); returns their (row, column) indices in the tile. A row gives at most k."""
+        (rows, cols), k = source.shape, self.values.shape[1]
+        threshold = self.values[:, -1:]
+        if cols % self.BLOCK:  # a narrower last tile: every row gives its own top-k
+            hit = None
+            many = torch.ones(rows, dtype=torch.bool, device=source.device)
+        else:  # the blocks whose maximum is above the row's threshold
+            hit = source.view(rows, cols // self.BLOCK, self.BLOCK).amax(-1) > threshold
+            many = hit.sum(-1) * self.BLOCK > k
+        dense_rows = many.nonzero().squeeze(1)  # rows with over k candidates: no entry outside the
+        top = source[dense_rows].topk(min(k, cols), dim=-1, sorted=False)  # tile's top-k can enter
+        row, col = dense_rows.repeat_interleave(top.indices.shape[1]), top.indices.reshape(-1)
+        if hit is not None:
+            hit[many] = False
+            hit_row, blk = hit.nonzero(as_tuple=True)
+            block_cols = blk[:, None] * self.BLOCK + torch.arange(self.BLOCK, device=blk.device)
+            row = torch.cat([row, hit_row.repeat_interleave(self.BLOCK)])
+            col = torch.cat([col, block_cols.reshape(-1)])
+        above = source[row, col] > threshold[row, 0]
+        row, col = row[above], col[above]
+        self._queue.append((row, col + start, source[row, col], other[row, col]))
+        self._queued += torch.bincount(row, minlength=rows)
+        return row, col
+
+    def full(self) -> bool:
+        return bool((self._queued >= self.values.shape[1]).any())
+
+    def merge(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Keep the k largest of the support and the queue. Returns None or (rows, vocabulary ids,
+        student logits), sorted by row, of the queued and earlier entries that are not kept."""
+        rows, k = self.values.shape
+        row, ids, values, other = (torch.cat(parts) for parts in zip(*self._queue, strict=True))
+        self._queue.clear()
+        self._queued.zero_()
+        order = row.argsort(stable=True)
+        row, ids, values, other = row[order], ids[order], values[order], other[order]
+        counts = torch.bincount(row, minlength=rows)
+        slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
+        width = int(counts.max()) if row.numel() else 0
+        q_values = values.new_full((rows, width), float("-inf"))
+        q_other, q_ids = values.new_zeros(rows, width), ids.new_zeros(rows, width)
+        q_values[row, slot], q_other[row, slot], q_ids[row, slot] = values, other, ids
+        all_values = torch.cat([self.values, q_values], dim=1)
+        best = all_values.topk(k, dim=-1)
+        gone = torch.ones(rows, k + width, dtype=torch.bool, device=row.device)
+        gone.scatter_(1, best.indices, False)
+        gone &= all_values > float("-inf")  # the padding, and the support's initial empty places
+        all_other, all_ids = torch.cat([self.other, q_other], dim=1), torch.cat([self.ids, q_ids], dim=1)
+        self.values, self.other, self.ids = (
+            best.values,
+            all_other.gather(-1, best.indices),
+            all_ids.gather(-1, best.indices),
+        )
+        out_row, out_slot = gone.nonzero(as_tuple=True)  # row-major: sorted by row
+        if out_row.numel() == 0:
+            return None
+        student = all_values if self.source_is_student else all_other
+        return out_row, all_ids[out_row, out_slot], student[out_row, out_slot]
