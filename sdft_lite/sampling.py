@@ -9,8 +9,8 @@ sums, far below anything a sampler test can see (tests/test_sampling.py checks f
 
 Per token the loop runs the decoder (on CPU, `decode.LeanDecoder`'s step for Llama-family
 models) and then the output head itself (`decode_head`: on CPU an fp32 head runs in the matmul
-layout this CPU's BLAS does fastest, timed once per process); the rollout caller runs it inside `merged_lora`
-(plain LoRA layers as one matmul with merged weights). Both change fp32 rounding only. Decode
+layout this CPU's BLAS does fastest, timed once per process); the rollout caller runs it inside
+`merged_lora` (plain LoRA layers as one matmul with merged weights). Both change fp32 rounding only. Decode
 steps of a tiny decoder run on one intra-op thread (`_tiny_decode_step`).
 """
 
@@ -70,9 +70,10 @@ def _row_masses(logits: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
     """Each row's probabilities up to a per-row factor, in the logits' own layout, and their block masses.
 
     exp(logits) without the max shift of a softmax: one pass over the vocabulary instead of three.
-    In the decode loop the head's 100+ MB weight has just streamed through the cache, so every pass
-    over the [B, V] logits comes from memory (measured 0.5-1.2 ms per pass at [4, 151936] on the
-    2-core CPU), and a vocabulary-major view (see `decode_head`) makes per-row maxima strided ones.
+    In the decode loop the head's weight has just streamed through the cache, so each pass over
+    the [B, V] logits comes from memory (profiled on the 2-core AMD EPYC at [4, 151936]: the
+    shift's subtraction alone took 1.2 ms per token in the loop, 0.1 ms with a warm cache), and a
+    vocabulary-major view (see `decode_head`) makes per-row maxima strided ones (2.2 ms).
     Without a shift, fp32 overflows for logits above ~88 and a row whose logits all lie far below
     zero loses precision, so rows are checked through their total: a non-finite total, or one
     under `MIN_ROW_MASS` (the row's maximum is then below about -33, and only tokens more than ~54
@@ -160,9 +161,9 @@ def head_layout(weight: torch.Tensor, rows: int) -> str:
     which one wins depends on the CPU. Measured at [4, 128] x [128, 151936], fp32, 2 threads, in
     the decode loop with the sampler: on an Intel Xeon (AVX-512) 3.0 ms per token transposed vs
     3.8 ms linear; alone, on an AMD EPYC (AVX2, MKL): 7-10 ms vocab-major vs 16-20 ms transposed
-    and 22-25 ms linear. So the first rollout times them on the
-    real weight (the transposed one on a same-shaped view of the weight's own memory, so timing
-    it copies nothing) and keeps the fastest for the process. Logits differ by fp32 rounding only.
+    and 22-25 ms linear. So the first rollout times them on the real weight (the transposed one
+    on a same-shaped view of the weight's own memory, so timing it copies nothing) and keeps the
+    fastest for the process. Logits differ by fp32 rounding only.
     """
     can_copy = weight.nbytes <= DECODE_HEAD_COPY_MAX_BYTES and weight.is_contiguous()
     if weight.nbytes < HEAD_TIMING_MIN_BYTES:
