@@ -215,18 +215,27 @@ class _RunningTopK:
         else:  # the blocks whose maximum is above the row's threshold
             hit = source.view(rows, cols // self.BLOCK, self.BLOCK).amax(-1) > threshold
             many = hit.sum(-1) * self.BLOCK > k
-        dense_rows = many.nonzero().squeeze(1)  # rows with over k candidates: no entry outside the
-        top = source[dense_rows].topk(min(k, cols), dim=-1, sorted=False)  # tile's top-k can enter
-        row, col = dense_rows.repeat_interleave(top.indices.shape[1]), top.indices.reshape(-1)
-        if hit is not None:
+        # Rows with over k candidates give the tile's own top-k: no entry outside it can enter.
+        # When that is a quarter of the rows or more, every row does (one top-k, no row copies).
+        dense = int(many.sum())
+        if hit is None or 4 * dense >= rows:
+            top = source.topk(min(k, cols), dim=-1, sorted=False)
+            row = torch.arange(rows, device=source.device).repeat_interleave(top.indices.shape[1])
+            col, values = top.indices.reshape(-1), top.values.reshape(-1)
+        else:
             hit[many] = False
-            hit_row, blk = hit.nonzero(as_tuple=True)
-            block_cols = blk[:, None] * self.BLOCK + torch.arange(self.BLOCK, device=blk.device)
-            row = torch.cat([row, hit_row.repeat_interleave(self.BLOCK)])
-            col = torch.cat([col, block_cols.reshape(-1)])
-        above = source[row, col] > threshold[row, 0]
-        row, col = row[above], col[above]
-        self._queue.append((row, col + start, source[row, col], other[row, col]))
+            row, blk = hit.nonzero(as_tuple=True)
+            col = (blk[:, None] * self.BLOCK + torch.arange(self.BLOCK, device=blk.device)).reshape(-1)
+            row = row.repeat_interleave(self.BLOCK)
+            if dense:
+                dense_rows = many.nonzero().squeeze(1)
+                top = source[dense_rows].topk(min(k, cols), dim=-1, sorted=False)
+                row = torch.cat([dense_rows.repeat_interleave(top.indices.shape[1]), row])
+                col = torch.cat([top.indices.reshape(-1), col])
+            values = source[row, col]
+        above = values > threshold[row, 0]
+        row, col, values = row[above], col[above], values[above]
+        self._queue.append((row, col + start, values, other[row, col]))
         self._queued += torch.bincount(row, minlength=rows)
         return row, col
 
