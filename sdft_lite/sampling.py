@@ -126,7 +126,8 @@ def sample_from_logits(
     return ids.gather(-1, j).squeeze(-1), (p.log() - total.log()).squeeze(-1)
 
 
-DECODE_HEAD_COPY_MAX_BYTES = 128 * 2**20  # the default loss.chunk_budget_mb: no new peak
+# A transposed head copy (made only where that layout wins the timing) is never larger than this.
+DECODE_HEAD_COPY_MAX_BYTES = 128 * 2**20
 # Heads smaller than this stay in cache, where the layouts differ by microseconds: no timing, and
 # one fixed layout (the transposed copy), so small models sample the same tokens on every run.
 HEAD_TIMING_MIN_BYTES = 8 * 2**20
@@ -190,8 +191,8 @@ def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     fp32 linear head, the matmul runs in the layout `head_layout` found fastest for `rows` rows
     (the logits may then be a vocabulary-major view, which `sample_from_logits` takes as it is).
     A transposed copy lives for the rollout only, and is never made for heads larger than
-    `DECODE_HEAD_COPY_MAX_BYTES`, the default loss chunk budget, so the rollout does not set a new
-    memory peak. Other heads (quantized, scaled, softcapped, GPU) are used as they are.
+    `DECODE_HEAD_COPY_MAX_BYTES`; where it is made it costs its size in memory during the rollout
+    (74 MiB at [151936, 128]). Other heads (quantized, scaled, softcapped, GPU) are used as they are.
     """
     head = output_head(model)
     weight = head.linear_weight

@@ -37,9 +37,9 @@ def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec,
     outside the support and k head rows per row (`_topk_from_tiles`).
 
     Measured against the row-chunked loss it replaced (a [2 x 55, V] buffer per chunk), at vocab
-    151,936, 500 rows, H 128, on the 2-core AMD EPYC: full vocabulary 1.05-1.12 vs 1.40-1.49 s,
-    top-k 100 + tail 1.05-1.27 vs 1.23-1.41 s, with at most 16 MiB of buffers instead of 64-100
-    MiB. The matmuls take 1,000 rows at a time instead of 110 and run at the machine's 2048^3
+    151,936, 500 rows, H 128, on the 2-core AMD EPYC: full vocabulary 1.05-1.12 vs 1.40-1.49 s;
+    top-k 100 + tail within the machine's noise of the old one (1.05-1.5 vs 1.23-1.6 s, its merge
+    costs ~0.2-0.3 s); at most 16 MiB of buffers instead of 64-100 MiB. The matmuls take 1,000 rows at a time instead of 110 and run at the machine's 2048^3
     matmul rate; that pays for the full vocabulary's extra [n, tile] x [tile, H] product.
     """
     budget = min(TILE_BYTES, int(spec.chunk_budget_mb * 2**20))
@@ -78,7 +78,7 @@ class _Tiles:
 
 def _tile_columns(rows: int, vocab: int, budget: int) -> int:
     """Vocabulary columns per tile for a group of `rows` student rows: the two fp32 [2 rows, tile]
-    buffers and the top-k's [rows, tile] bool mask within three quarters of `budget` bytes."""
+    buffers, plus a byte per entry for the top-k's per-tile masks, within three quarters of `budget`."""
     return max(64, min(vocab, 3 * budget // (4 * rows * (4 * _FP32_BYTES + 1))) // 16 * 16)
 
 
