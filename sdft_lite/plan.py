@@ -444,23 +444,31 @@ def _saved_per_token_layer(arch: Arch, s: Settings) -> int:
     return 6 * arch.hidden * 4 + 5 * qdim * db + 4 * mlp * db
 
 
+def _loss_spec(s: Settings):
+    from .losses import LossSpec
+
+    return LossSpec(
+        divergence=s.divergence, alpha=s.alpha, support=s.support, chunk_budget_mb=s.chunk_budget_mb
+    )
+
+
 def _vocab_tiled(s: Settings) -> bool:
     """Whether the loss streams the head in vocabulary tiles (tiled_loss.vocab_tiled_loss): forward KL
     over the full vocabulary or a top-k support, with an fp32 head (CPU; assumes a plain linear head)."""
-    forward = s.divergence == "forward" or (s.divergence == "jsd" and s.alpha == 0.0)
+    from .losses import _effective_divergence
+
+    forward = _effective_divergence(_loss_spec(s)) == "forward"  # JSD at alpha 0 included, as in the loss
     return s.method == "sdft" and s.dtype_bytes == 4 and forward and s.support in ("full", "topk")
 
 
 def _loss_bytes(vocab: int, tokens: int, s: Settings) -> int:
-    from .losses import LossSpec, rows_per_chunk
-    from .tiled_loss import TILE_BYTES
+    from .losses import rows_per_chunk
+    from .tiled_loss import GROUP_ROWS, TILE_BYTES
 
-    if _vocab_tiled(s):
-        return int(min(TILE_BYTES, s.chunk_budget_mb * MiB))
-    spec = LossSpec(
-        divergence=s.divergence, alpha=s.alpha, support=s.support, chunk_budget_mb=s.chunk_budget_mb
-    )
-    rows = rows_per_chunk(vocab, spec)
+    if _vocab_tiled(s):  # two fp32 [2 rows, tile] buffers per row group, tile <= vocab
+        whole_vocab = 2 * 2 * min(tokens, GROUP_ROWS) * vocab * 4
+        return int(min(TILE_BYTES, s.chunk_budget_mb * MiB, whole_vocab))
+    rows = rows_per_chunk(vocab, _loss_spec(s))
     return int(s.chunk_budget_mb * MiB * min(1.0, tokens / rows))
 
 

@@ -39,8 +39,9 @@ def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec,
     Measured against the row-chunked loss it replaced (a [2 x 55, V] buffer per chunk), at vocab
     151,936, 500 rows, H 128, on the 2-core AMD EPYC: full vocabulary 1.05-1.12 vs 1.40-1.49 s;
     top-k 100 + tail within the machine's noise of the old one (1.05-1.5 vs 1.23-1.6 s, its merge
-    costs ~0.2-0.3 s); at most 16 MiB of buffers instead of 64-100 MiB. The matmuls take 1,000 rows at a time instead of 110 and run at the machine's 2048^3
-    matmul rate; that pays for the full vocabulary's extra [n, tile] x [tile, H] product.
+    costs ~0.2-0.3 s); at most 16 MiB of buffers instead of 64-100 MiB. The matmuls take 1,000
+    rows at a time instead of 110 and run at the machine's 2048^3 matmul rate; that pays for the
+    full vocabulary's extra [n, tile] x [tile, H] product.
     """
     budget = min(TILE_BYTES, int(spec.chunk_budget_mb * 2**20))
     finish = _full_from_tiles if spec.support == "full" else _topk_from_tiles
@@ -190,8 +191,9 @@ class _RunningTopK:
 
     Each tile offers its entries above the row's k-th value at the last merge: past the first
     tiles a handful per row, found through the maxima of blocks of `BLOCK` entries (a row with
-    more than k gives the tile's own top-k instead). They queue until some row has k of them; a merge then keeps the k largest
-    of the support and the queue, and hands back the entries that did not stay.
+    more than k gives the tile's own top-k instead). They queue until some row has k of them; a
+    merge then keeps the k largest of the support and the queue, and hands back the entries that
+    did not stay.
     """
 
     BLOCK = 16  # entries per block of the per-tile filter

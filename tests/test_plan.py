@@ -226,7 +226,12 @@ def test_plan_recipe_for_a_local_model(make_recipe, tiny_model_dir):
     from sdft_lite.tiled_loss import TILE_BYTES
 
     loss = next(c for c in cpu.components if c.name == "loss chunks")
-    assert loss.bytes == min(TILE_BYTES, recipe.loss.chunk_budget_mb * 2**20) and "tiles" in loss.detail
+    rows = cpu.settings.batch_size * cpu.settings.num_generations * cpu.settings.max_new_tokens
+    whole_vocab = 16 * min(rows, 512) * cpu.arch.vocab  # two [2 rows, tile <= vocab] fp32 buffers
+    assert (
+        loss.bytes == min(TILE_BYTES, recipe.loss.chunk_budget_mb * 2**20, whole_vocab)
+        and "tiles" in loss.detail
+    )
     assert "tiles" not in next(c for c in plan.components if c.name == "loss chunks").detail  # bf16
 
 
