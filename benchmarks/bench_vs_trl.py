@@ -22,8 +22,9 @@ unreachable by construction (see build_model_folder); a min_new_tokens processor
 Measured. Each (tool, config) trains in its own subprocess; a TrainerCallback times every optimizer
 step (on_step_begin -> on_step_end, median after the warm-up), the process CPU time of the step
 (user + sys: far less sensitive than wall time to other tenants of a shared machine), the time in
-the rollout (gen %: sdft-lite's generate_rollouts, TRL's _generate), and the peak RSS (ru_maxrss)
-or CUDA max_memory_allocated. RSS also counts what glibc keeps of freed blocks: sdft-lite's train
+the rollout (gen %: sdft-lite's generate_rollouts, TRL's _generate), and the peak RSS (VmHWM of the
+child's own address space: ru_maxrss would include this parent's peak, which Linux carries across
+fork and exec, see sdft_lite/memory.py) or CUDA max_memory_allocated. RSS also counts what glibc keeps of freed blocks: sdft-lite's train
 path lowers glibc's mmap threshold itself, TRL runs with glibc's defaults (set MALLOC_MMAP_THRESHOLD_
 =65536 in the environment to give TRL the same; sdft-lite's own mallopt call still wins). Runs are
 repeated, interleaved with alternating tool order; the least disturbed run (lowest median) is kept,
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -211,6 +213,7 @@ def versions() -> dict:
 
 # --------------------------------------------------------------------------- child: one (tool, config) run
 def sdft_lite_trainer(spec: dict, work: Path):
+    """sdft-lite's trainer for the run; backend hf, or unsloth for the sdft-lite-unsloth tool."""
     from sdft_lite.config import load_recipe
     from sdft_lite.runs import RunFolder
     from sdft_lite.train import build_trainer
@@ -220,7 +223,7 @@ def sdft_lite_trainer(spec: dict, work: Path):
         data={
             "model": {
                 "name": spec["model"],
-                "backend": "hf",
+                "backend": OUR_TOOLS[spec["tool"]],
                 "load_in_4bit": False,
                 "dtype": spec["dtype"],
                 "max_seq_length": 2048,
@@ -324,6 +327,10 @@ def trl_trainer(spec: dict, work: Path):
     return trainer, "completions/mean_length"
 
 
+# sdft-lite's tools: name -> model.backend. The unsloth one needs CUDA and the unsloth package.
+OUR_TOOLS = {"sdft-lite": "hf", "sdft-lite-unsloth": "unsloth"}
+TOOLS = (*OUR_TOOLS, "trl")
+
 # cProfile phases: (label, path fragment, function); cumulative seconds of one step.
 PHASES = {
     "sdft-lite": [
@@ -349,12 +356,17 @@ def child(spec: dict) -> dict:
     import cProfile
     import pstats
 
+    ours = spec["tool"] in OUR_TOOLS
+    if OUR_TOOLS.get(spec["tool"]) == "unsloth":
+        import unsloth  # noqa: F401  (before transformers: it patches transformers, PEFT and TRL on import)
     import torch
     from transformers import TrainerCallback
 
+    from sdft_lite.memory import peak_rss_mib  # standard library only: TRL's run imports nothing else of ours
+
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    make = sdft_lite_trainer if spec["tool"] == "sdft-lite" else trl_trainer
+    make = sdft_lite_trainer if ours else trl_trainer
     trainer, length_key = make(spec, Path(spec["work"]))
     log = {"wall": [], "cpu": [], "gen": [], "cprofile": cProfile.Profile(), "torch_profile": None}
 
@@ -363,7 +375,7 @@ def child(spec: dict) -> dict:
         return usage.ru_utime + usage.ru_stime
 
     # Rollout time: wrap (in this process only) the function each trainer calls to sample completions.
-    if spec["tool"] == "sdft-lite":
+    if ours:
         import sdft_lite.trainer as owner  # it calls generate_rollouts by this module-level name
 
         name = "generate_rollouts"
@@ -404,7 +416,7 @@ def child(spec: dict) -> dict:
                 log["torch_profile"].stop()
 
     trainer.add_callback(StepTimer())
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -423,7 +435,7 @@ def child(spec: dict) -> dict:
         "generation_share": sum(log["gen"][w:]) / sum(log["wall"][w:]),
         "mean_completion_length": length,
         "tokens_per_second": BATCH * GENERATIONS * (length or 0) / seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "rss_before_train_mib": rss_before,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
@@ -433,7 +445,7 @@ def child(spec: dict) -> dict:
             label: round(
                 max(v[3] for (file, _, name), v in stats.items() if name == func and part in file), 3
             )
-            for label, part, func in PHASES[spec["tool"]] + COMMON_PHASES
+            for label, part, func in PHASES["sdft-lite" if ours else "trl"] + COMMON_PHASES
             if any(name == func and part in file for file, _, name in stats)
         }
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -517,7 +529,7 @@ def add_ratios(rows: list[dict]) -> None:
             ("peak_rss_mib", "rss_ratio"),
             ("peak_cuda_mib", "cuda_ratio"),
         ):
-            if r["tool"] == "sdft-lite" and ref and r[key] is not None:
+            if r["tool"] in OUR_TOOLS and ref and r[key] is not None:
                 r[ratio] = r[key] / ref[key]
 
 
@@ -574,7 +586,11 @@ def main() -> None:
     p.add_argument(
         "--losses", default="full,topk", help="comma list: full (full vocab), topk (top-100 + tail)"
     )
-    p.add_argument("--tools", default="sdft-lite,trl", help="comma list: sdft-lite, trl")
+    p.add_argument(
+        "--tools",
+        help="comma list of sdft-lite, sdft-lite-unsloth (CUDA + unsloth), trl; default sdft-lite,trl, "
+        "plus sdft-lite-unsloth where CUDA and unsloth are there",
+    )
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute, both tools"
     )
@@ -602,6 +618,23 @@ def main() -> None:
     import torch
 
     cuda = torch.cuda.is_available()
+    unsloth = (
+        importlib.util.find_spec("unsloth") is not None
+    )  # looked up, not imported (it patches on import)
+    tools = (
+        a.tools.split(",")
+        if a.tools
+        else ["sdft-lite", "trl", *(["sdft-lite-unsloth"] if cuda and unsloth else [])]
+    )
+    profiled = [t for t in a.profile_tools.split(",") if t]
+    unknown = [t for t in tools + profiled if t not in TOOLS]
+    if unknown:
+        p.error(f"--tools/--profile-tools: unknown {', '.join(unknown)}; choose from {', '.join(TOOLS)}")
+    if "sdft-lite-unsloth" in tools + profiled and not (cuda and unsloth):
+        missing = " and ".join(
+            m for m, ok in (("a CUDA GPU", cuda), ("the unsloth package", unsloth)) if not ok
+        )
+        p.error(f"--tools sdft-lite-unsloth needs {missing}; leave it out of --tools on this machine")
     tmp = Path(tempfile.mkdtemp(prefix="bench_vs_trl-"))
     write_data(tmp / "train.jsonl")
     if a.sweep:
@@ -620,7 +653,7 @@ def main() -> None:
         flush=True,
     )
 
-    tools, repeats, runs = a.tools.split(","), a.repeats or (1 if a.sweep else 2), {}
+    repeats, runs = a.repeats or (1 if a.sweep else 2), {}
     for rep in range(repeats):  # interleaved, tool order alternating: a slow spell hits both tools alike
         for loss, vocab, completion in configs:
             for tool in tools if rep % 2 == 0 else tools[::-1]:
@@ -638,7 +671,7 @@ def main() -> None:
                     run_one(spec, tmp, a.omp_wait_policy)
                 )
     profiles = {}
-    for tool in [] if a.sweep else filter(None, a.profile_tools.split(",")):
+    for tool in [] if a.sweep else profiled:
         spec = dict(
             tool=tool,
             loss="full",

@@ -36,30 +36,12 @@ LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def _worker(impl: str, vocab: int, tokens: int, hidden: int, budget_mb: float) -> dict:
     import torch
     from torch import nn
 
     from sdft_lite.losses import LossSpec, chunked_distillation_loss, naive_distillation_loss, rows_per_chunk
+    from sdft_lite.memory import proc_status_kib, reset_peak_rss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = LossSpec(chunk_budget_mb=budget_mb)  # the default loss: full-vocab forward KL
@@ -83,10 +65,8 @@ def _worker(impl: str, vocab: int, tokens: int, hidden: int, budget_mb: float) -
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak_rss()
-        before_kib = (
-            _proc_status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        )
+        reset = reset_peak_rss()
+        before_kib = proc_status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     step(tokens)
     if device == "cuda":
@@ -96,7 +76,7 @@ def _worker(impl: str, vocab: int, tokens: int, hidden: int, budget_mb: float) -
         peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
         method = "cuda.max_memory_allocated"
     else:
-        after_kib = _proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after_kib = proc_status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mib = (after_kib - before_kib) / 1024
         method = "VmHWM - VmRSS" if reset else "ru_maxrss delta"
     return {

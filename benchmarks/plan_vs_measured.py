@@ -151,10 +151,12 @@ def recipe_dict(overrides: dict, model_dir: Path, data: Path, out: Path, steps: 
 
 
 def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    from sdft_lite.memory import proc_status_kib
+
+    kib = proc_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (this benchmark needs Linux)")
+    return kib
 
 
 def _drop_checkpoint_pages() -> None:
@@ -181,6 +183,7 @@ def _worker(spec: dict) -> dict:
     import transformers  # noqa: F401
 
     from sdft_lite.config import load_recipe
+    from sdft_lite.memory import reset_peak_rss
     from sdft_lite.plan import GiB, estimate
     from sdft_lite.runs import RunFolder
     from sdft_lite.train import build_trainer
@@ -199,7 +202,8 @@ def _worker(spec: dict) -> dict:
     trainer = build_trainer(recipe, run)
     gc.collect()
     _drop_checkpoint_pages()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs (needs Linux >= 4.0)")
     trainer.train()
     peak = _status_kib("VmHWM")
     gc.collect()

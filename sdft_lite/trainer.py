@@ -8,8 +8,6 @@ Trainer's own; this file adds only what self-distillation needs.
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -19,6 +17,7 @@ from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from .config import Recipe
 from .losses import LossSpec, aggregate_loss, chunked_distillation_loss
+from .memory import peak_rss_mib
 from .models import decoder_hidden_states, output_head
 from .prompts import EncodedExample, PromptEncoder, left_pad, right_pad
 from .rollout import (
@@ -39,11 +38,11 @@ SAMPLE_TOKENS = 64
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on a GPU; elsewhere this process's own peak RSS (not the peak
+    of the process that started it, e.g. the app: see `memory`)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return peak_rss_mib()
 
 
 class Collator:

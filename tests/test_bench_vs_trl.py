@@ -1,0 +1,54 @@
+"""benchmarks/bench_vs_trl.py: argument checks, and one tiny side-by-side run of both tools."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench_vs_trl.py"
+
+
+def bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_unknown_tool_is_named_with_the_choices():
+    out = bench("--tools", "sdft-lite,axolotl")
+    assert out.returncode == 2
+    assert "unknown axolotl" in out.stderr
+    assert "sdft-lite, sdft-lite-unsloth, trl" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without CUDA")
+def test_unsloth_tool_without_a_gpu_says_what_is_missing():
+    out = bench("--tools", "sdft-lite,sdft-lite-unsloth")
+    assert out.returncode == 2
+    assert "needs a CUDA GPU" in out.stderr
+    assert "leave it out of --tools" in out.stderr
+
+
+@pytest.mark.slow
+def test_tiny_side_by_side_run_writes_one_row_per_tool(tmp_path):
+    out_file = tmp_path / "bench.json"
+    args = ["--vocab", "4096", "--completion", "8", "--steps", "1", "--warmup", "1", "--repeats", "1"]
+    out = bench(*args, "--losses", "full", "--profile-tools", "", "--out", str(out_file))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["tool"]: r for r in json.loads(out_file.read_text())["results"]}
+    assert set(rows) == {"sdft-lite", "trl"}
+    ours, trl = rows["sdft-lite"], rows["trl"]
+    for r in (ours, trl):
+        assert r["config"] == "full V=4096 T=8"
+        assert r["mean_completion_length"] == 8  # both tools generate exactly --completion tokens
+        assert r["seconds_per_step"] > 0 and r["tokens_per_second"] > 0
+        assert r["peak_rss_mib"] >= r["rss_before_train_mib"] > 0
+        assert r["floor_seconds"] > 0 and r["decode_bound_floor_seconds"] > 0
+        assert r["time_over_floor"] == pytest.approx(r["seconds_per_step"] / r["floor_seconds"])
+    assert ours["step_ratio"] == pytest.approx(ours["seconds_per_step"] / trl["seconds_per_step"])
+    assert ours["rss_ratio"] == pytest.approx(ours["peak_rss_mib"] / trl["peak_rss_mib"])
+    assert "s/step vs TRL" in out.stdout and "sdft-lite" in out.stdout
