@@ -4,6 +4,9 @@
     python benchmarks/bench_vs_trl.py --sweep     # completion 64..512 x vocab 32000/151936, both tools
     python benchmarks/bench_vs_trl.py --steps 6 --warmup 2 --repeats 3 --profile-tools sdft-lite,trl
 
+On a CUDA GPU the default dtype is bfloat16 and, with unsloth installed, a third tool runs:
+sdft-lite-unsloth (sdft-lite with model.backend unsloth), compared with TRL like sdft-lite (hf).
+
 Same work. One temp model folder per vocabulary: a random Llama-architecture model shaped like a small
 Qwen2 (hidden 128, 2 layers, 4/2 GQA heads, q/k/v bias, tied embeddings) and a character tokenizer
 padded with filler tokens to exactly the model's vocabulary, so tokenizer and output head agree.
@@ -592,7 +595,9 @@ def main() -> None:
         "plus sdft-lite-unsloth where CUDA and unsloth are there",
     )
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute, both tools"
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weights and compute, both tools (default: bfloat16 on a CUDA GPU that supports it, else float32)",
     )
     p.add_argument("--sweep", action="store_true", help="full loss over --sweep-completions x --sweep-vocabs")
     p.add_argument("--sweep-completions", default="64,128,256,512")
@@ -618,6 +623,7 @@ def main() -> None:
     import torch
 
     cuda = torch.cuda.is_available()
+    a.dtype = a.dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32")
     unsloth = (
         importlib.util.find_spec("unsloth") is not None
     )  # looked up, not imported (it patches on import)

@@ -66,7 +66,9 @@ def _block_masses(probs: torch.Tensor, block: int) -> torch.Tensor:
     return mass
 
 
-def _row_masses(logits: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_masses(
+    logits: torch.Tensor, block: int, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's probabilities up to a per-row factor, in the logits' own layout, and their block masses.
 
     exp(logits) without the max shift of a softmax: one pass over the vocabulary instead of three.
@@ -78,9 +80,10 @@ def _row_masses(logits: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
     zero loses precision, so rows are checked through their total: a non-finite total, or one
     under `MIN_ROW_MASS` (the row's maximum is then below about -33, and only tokens more than ~54
     nats under it, probability < 1e-23, could fall out of fp32's normal range), sends the batch
-    to `torch.softmax`, which shifts every row by its own maximum.
+    to `torch.softmax`, which shifts every row by its own maximum. `out`, if given, receives the
+    probabilities (same shape and layout as `logits`; not used by the softmax fallback).
     """
-    probs = torch.exp(logits)
+    probs = torch.exp(logits) if out is None else torch.exp(logits, out=out)
     mass = _block_masses(probs, block)
     total = mass.sum(-1)
     if not (torch.isfinite(total) & (total >= MIN_ROW_MASS)).all():
@@ -90,7 +93,10 @@ def _row_masses(logits: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
 
 
 def sample_from_logits(
-    logits: torch.Tensor, generator: torch.Generator | None = None, block: int = SAMPLE_BLOCK
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    block: int = SAMPLE_BLOCK,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row by a two-level inverse CDF. Returns (token ids [B], their log-probs [B]).
 
@@ -101,9 +107,10 @@ def sample_from_logits(
     over the whole vocabulary was the sampler's slowest op (measured 1.1 -> 0.36 ms per
     [4, 151936] row batch). Exact up to fp32 rounding of the partial sums; a draw that rounding
     pushes past the last token with mass is moved back onto it, so a zero-probability token is
-    never returned.
+    never returned. `out`: an fp32 buffer shaped and laid out like `logits` for the unnormalised
+    probabilities (the decode loop passes one, so nothing of size [B, V] is allocated per token).
     """
-    probs, mass = _row_masses(logits.float(), block)
+    probs, mass = _row_masses(logits.float(), block, out)
     vocab = probs.shape[1]
     cdf = mass.cumsum(-1)
     total = cdf[:, -1:]
@@ -189,7 +196,12 @@ def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
     The output head reads its whole [V, H] weight for every generated token. On CPU, with a plain
     fp32 linear head, the matmul runs in the layout `head_layout` found fastest for `rows` rows
-    (the logits may then be a vocabulary-major view, which `sample_from_logits` takes as it is).
+    (the logits may then be a vocabulary-major view, which `sample_from_logits` takes as it is),
+    and writes a batch of `rows` into one buffer allocated here: the logits it returns for such a
+    batch are valid until its next call. A [rows, V] tensor allocated and freed per token is what
+    fragments glibc's heap (the train path serves tensors that size from the heap, see
+    `train.mmap_threshold_bytes`): measured at [4, 151936] on the 2-core AMD EPYC, the rollout
+    left the heap 40-90 MiB larger, varying from run to run, and 0-4 MiB with the buffers.
     A transposed copy lives for the rollout only, and is never made for heads larger than
     `DECODE_HEAD_COPY_MAX_BYTES`; where it is made it costs its size in memory during the rollout
     (74 MiB at [151936, 128]). Other heads (quantized, scaled, softcapped, GPU) are used as they are.
@@ -199,13 +211,23 @@ def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     if weight is None or weight.device.type != "cpu":
         return lambda hidden: head(hidden).float()
     weight = weight.detach()
+    vocab = weight.shape[0]
     layout = head_layout(weight, rows)
     if layout == "transposed":
         weight_t = weight.t().contiguous()
-        return lambda hidden: torch.mm(hidden.to(weight_t.dtype), weight_t)
-    if layout == "vocab_major":
-        return lambda hidden: torch.mm(weight, hidden.to(weight.dtype).t()).t()
-    return lambda hidden: F.linear(hidden.to(weight.dtype), weight)
+        product, vocab_major = (lambda h, out=None: torch.mm(h, weight_t, out=out)), False
+    elif layout == "vocab_major":
+        product, vocab_major = (lambda h, out=None: torch.mm(weight, h.t(), out=out)), True
+    else:  # what F.linear runs for a 2-D input without bias
+        product, vocab_major = (lambda h, out=None: torch.mm(h, weight.t(), out=out)), False
+    buffer = weight.new_empty((vocab, rows) if vocab_major else (rows, vocab))
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.to(weight.dtype)
+        out = product(h, out=buffer) if h.shape[0] == rows else product(h)
+        return out.t() if vocab_major else out
+
+    return logits
 
 
 MERGED_LORA_MAX_BYTES = 256 * 2**20
@@ -336,14 +358,19 @@ def sample_completions(
         cache = out = None  # the prefill's keys and values now live in the lean cache
     eos = torch.tensor(eos_ids, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    tokens, logps = [], []
+    tokens, logps, probs = [], [], None
     for step in range(max_new_tokens):
-        warped = warp_logits(logits, temperature, top_k, top_p) if not greedy else logits
         if greedy:
-            tok = warped.argmax(-1)
-            lp = torch.log_softmax(warped, -1).gather(-1, tok[:, None]).squeeze(-1)
+            tok = logits.argmax(-1)
+            lp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
         else:
-            tok, lp = sample_from_logits(warped)
+            # The logits are this loop's own (the head's buffer, or the prefill's): divided in place.
+            warped = warp_logits(
+                logits.div_(temperature) if temperature != 1.0 else logits, 1.0, top_k, top_p
+            )
+            if probs is None or probs.shape != warped.shape or probs.stride() != warped.stride():
+                probs = torch.empty_like(warped, dtype=torch.float32)  # the same layout, reused
+            tok, lp = sample_from_logits(warped, out=probs)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         logps.append(torch.where(finished, torch.zeros_like(lp), lp))

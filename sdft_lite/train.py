@@ -117,10 +117,11 @@ def _truncate_metrics(run: RunFolder, step: int) -> None:
 def mmap_threshold_bytes(recipe: Recipe, vocab_size: int) -> int:
     """Allocations at or above this size get their own mmap, so freeing them returns the memory.
 
-    Below it sit the per-token rollout tensors ([batch * generations, vocab] fp32 logits and
-    probabilities, allocated and freed 2-3 times per generated token): served from the heap they
-    are reused in place, instead of paying a fresh mmap and its page faults each time (measured:
-    that alone was ~15 % of a CPU step at vocab 152k). Above it sit the loss's buffers (tens of MiB
+    Below it sit the per-token rollout tensors that remain ([batch * generations, vocab] fp32,
+    e.g. of top-k / top-p warping; the head's logits and the sampler's probabilities have buffers
+    of their own, see `sampling.decode_head`): served from the heap they are reused in place,
+    instead of paying a fresh mmap and its page faults each time (measured, when the logits and
+    probabilities were allocated per token: ~15 % of a CPU step at vocab 152k). Above it sit the loss's buffers (tens of MiB
     per [rows, vocab] chunk; the vocabulary tiles of an fp32 head, a few MiB each, for batches up to
     a few rows), which the heap would keep resident after the loss.
     """

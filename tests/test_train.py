@@ -315,3 +315,25 @@ def test_gradient_checkpointing_and_accumulation(tiny_model_dir, tiny_data, tmp_
     assert trainer.state.global_step == 2
     assert_lora_moved_base_frozen(before, after)
     assert os.path.exists(tmp_path / "runs" / "run" / "metrics.jsonl")
+
+
+def test_peak_memory_is_the_training_process_own(tiny_model_dir, tiny_data, tmp_path):
+    # The app starts `sdft-lite train` from a large process. Linux carries ru_maxrss across fork
+    # and exec, so reading it would report the app's peak as the run's; metrics must not.
+    recipe = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "runs")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    parent = (
+        "import subprocess, sys\n"
+        "x = bytearray(2 * 2**30)\n"
+        "for i in range(0, len(x), 4096): x[i] = 1\n"
+        "del x\n"
+        "cmd = [sys.executable, '-m', 'sdft_lite.cli', 'train', sys.argv[1], 'train.max_steps=1']\n"
+        "sys.exit(subprocess.run(cmd).returncode)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", parent, str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    peaks = [m["peak_memory_mb"] for m in read_jsonl(RunFolder(tmp_path / "runs" / "run").metrics)]
+    assert peaks and all(0 < p < 1500 for p in peaks), peaks  # a tiny run; the parent peaked at 2 GiB
