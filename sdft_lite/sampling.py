@@ -200,8 +200,9 @@ def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     and writes a batch of `rows` into one buffer allocated here: the logits it returns for such a
     batch are valid until its next call. A [rows, V] tensor allocated and freed per token is what
     fragments glibc's heap (the train path serves tensors that size from the heap, see
-    `train.mmap_threshold_bytes`): measured at [4, 151936] on the 2-core AMD EPYC, the rollout
-    left the heap 40-90 MiB larger, varying from run to run, and 0-4 MiB with the buffers.
+    `train.mmap_threshold_bytes`): measured at [4, 151936] on the 2-core AMD EPYC, the first
+    rollout left the resident set 40-90 MiB larger, varying from run to run, and 23-25 MiB with
+    the buffers (the head-layout timing and the prefill).
     A transposed copy lives for the rollout only, and is never made for heads larger than
     `DECODE_HEAD_COPY_MAX_BYTES`; where it is made it costs its size in memory during the rollout
     (74 MiB at [151936, 128]). Other heads (quantized, scaled, softcapped, GPU) are used as they are.
