@@ -34,13 +34,18 @@ repeated, interleaved with alternating tool order; the least disturbed run (lowe
 peak memory is the worst run's. OMP_WAIT_POLICY=PASSIVE by default: on a loaded 2-core box
 spinning OpenMP threads make small ops several times slower, which would measure the neighbours.
 
-The floor: matmul FLOPs of one step over this machine's matmul rate (best 2048^3 torch.matmul, same
-run). Rollout: prompt + completion tokens x 2P, plus 2HV per token for the last-position head, plus
-causal attention; teacher forward over teacher prompt + completion with the head on completion
-positions; student forward + backward = 3x its forward. P = non-embedding weights incl. LoRA. The
-decode-bound floor prices the rollout head at the measured rate of its real shape [4, H] x [H, V]
-(the fastest of the three layouts sampling.head_layout picks from), which reads the whole head per
-token and is bound by memory bandwidth. Softmax, KL and sampling are not counted.
+The floors. FLOP floor: matmul FLOPs of one step over this machine's matmul rate (best 2048^3
+torch.matmul, same run). Rollout: prompt + completion tokens x 2P, plus 2HV per token for the
+last-position head, plus causal attention; teacher forward over teacher prompt + completion with
+the head on completion positions; student forward + backward, where the backward of a frozen
+weight (the base layers and the tied head: no weight gradient) is one more product, the input's
+gradient, and that of the LoRA weights and of attention two. P = non-embedding weights incl. LoRA.
+Roofline floor: the same, with the rollout head priced at the larger of its FLOP time and the time
+to read its whole weight once per token at this machine's measured read rate (best `sum()` over
+the head itself): a bound on any exact fp32 implementation, memory-bound on a CPU. Decode-bound
+floor: the rollout head at the measured rate of its real product [4, H] x [H, V] (the fastest of
+the three layouts sampling.head_layout picks from): what the BLAS at hand allows. Softmax, KL and
+sampling are not counted.
 """
 
 from __future__ import annotations
@@ -122,10 +127,10 @@ def write_data(path: Path) -> None:
 
 def matmul_rates(device: str, dtype: str, vocabs: list[int]) -> dict:
     """FLOP/s: best of a few 2048^3 matmuls, and of the decode-time head [4, H] x [H, V] per vocabulary
-    (in the fastest of the three layouts a rollout may use)."""
+    (in the fastest of the three layouts a rollout may use); bytes/s: best read of each head weight."""
     import torch
 
-    def best(fn, flops: float, reps: int) -> float:
+    def best(fn, work: float, reps: int) -> float:
         times = []
         for _ in range(reps + 1):  # the first call warms up
             start = time.perf_counter()
@@ -133,7 +138,7 @@ def matmul_rates(device: str, dtype: str, vocabs: list[int]) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        return flops / min(times[1:])
+        return work / min(times[1:])
 
     a, b = (torch.randn(2048, 2048, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     h = torch.randn(BATCH, HIDDEN, device=device, dtype=a.dtype)
@@ -151,38 +156,56 @@ def matmul_rates(device: str, dtype: str, vocabs: list[int]) -> dict:
             )
             for v, w in heads.items()
         },
+        # A reduction reads every byte once and writes nothing: the rate a memory-bound head read
+        # cannot beat (a head small enough to stay in cache reads faster, and so counts faster).
+        "head_read_bytes": {v: best(lambda w=w: w.sum(), w.nbytes, 20) for v, w in heads.items()},
     }
 
 
 def floor(r: dict, rates: dict) -> dict:
-    """Matmul FLOPs of one step and the two floors (see the module docstring)."""
+    """Matmul FLOPs of one step and the three floors (see the module docstring)."""
     kv = KV_HEADS * HIDDEN // HEADS
     shapes = [(HIDDEN, HIDDEN), (HIDDEN, kv), (HIDDEN, kv), (HIDDEN, HIDDEN)] + [(HIDDEN, INTERMEDIATE)] * 2
-    params = LAYERS * sum(i * o + LORA_R * (i + o) for i, o in [*shapes, (INTERMEDIATE, HIDDEN)])
-    t, head, rows = r["completion"], 2 * HIDDEN * r["vocab"], BATCH * GENERATIONS
+    shapes.append((INTERMEDIATE, HIDDEN))
+    frozen = LAYERS * sum(i * o for i, o in shapes)  # base weights: no gradient of their own
+    lora = LAYERS * sum(LORA_R * (i + o) for i, o in shapes)
+    t, vocab, rows = r["completion"], r["vocab"], BATCH * GENERATIONS
+    head = 2 * HIDDEN * vocab  # per scored or generated position
 
-    def forward(
-        prompt: int,
-    ) -> float:  # one row: all tokens through the decoder + head on completion positions
+    def forward(prompt: int) -> dict:
+        """One row: all tokens through the decoder, the head on the completion positions."""
         n = prompt + t
-        return n * 2 * params + 2 * LAYERS * HIDDEN * n * n + t * head
+        return {
+            "frozen": n * 2 * frozen + t * head,
+            "lora": n * 2 * lora,
+            "attention": 2 * LAYERS * HIDDEN * n * n,
+        }
 
+    student = forward(PROMPT_TOKENS)
     flops = {
-        "rollout": rows * forward(PROMPT_TOKENS),
-        "teacher": rows * forward(TEACHER_PROMPT_TOKENS),
-        "student": 3 * rows * forward(PROMPT_TOKENS),
+        "rollout": rows * sum(forward(PROMPT_TOKENS).values()),
+        "teacher": rows * sum(forward(TEACHER_PROMPT_TOKENS).values()),
+        # forward, then the inputs' gradient through every product, and the LoRA weights' gradient
+        "student": rows * (2 * student["frozen"] + 3 * student["lora"] + 3 * student["attention"]),
         "rollout_head": rows * t * head,
     }
     total = flops["rollout"] + flops["teacher"] + flops["student"]
     seconds = total / rates["matmul_flops"]
-    decode_bound = seconds + flops["rollout_head"] * (
-        1 / rates["decode_head_flops"][r["vocab"]] - 1 / rates["matmul_flops"]
-    )
+
+    def with_head_at(head_seconds: float) -> float:  # the FLOP floor, the rollout head priced otherwise
+        return seconds + max(head_seconds - flops["rollout_head"] / rates["matmul_flops"], 0.0)
+
+    head_bytes = vocab * HIDDEN * (4 if r["dtype"] == "float32" else 2)
+    roofline = with_head_at(t * head_bytes / rates["head_read_bytes"][vocab])  # one read per decode step
+    decode_bound = with_head_at(flops["rollout_head"] / rates["decode_head_flops"][vocab])
     return {
         "floor_flops": {**flops, "total": total},
         "floor_seconds": seconds,
+        "roofline_floor_seconds": roofline,
         "decode_bound_floor_seconds": decode_bound,
         "time_over_floor": r["seconds_per_step"] / seconds,
+        "time_over_roofline_floor": r["seconds_per_step"] / roofline,
+        "time_over_decode_bound_floor": r["seconds_per_step"] / decode_bound,
     }
 
 
@@ -547,9 +570,12 @@ def print_table(rows: list[dict], cuda: bool) -> None:
         ("len", "mean_completion_length", "{:.0f}"),
         ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
         ("peak CUDA MiB", "peak_cuda_mib", "{:.0f}"),
-        ("floor s", "floor_seconds", "{:.2f}"),
+        ("FLOP floor s", "floor_seconds", "{:.2f}"),
+        ("roofline floor s", "roofline_floor_seconds", "{:.2f}"),
         ("decode-bound floor s", "decode_bound_floor_seconds", "{:.2f}"),
-        ("time/floor", "time_over_floor", "{:.1f}"),
+        ("time/FLOP floor", "time_over_floor", "{:.1f}"),
+        ("time/roofline", "time_over_roofline_floor", "{:.1f}"),
+        ("time/decode-bound", "time_over_decode_bound_floor", "{:.1f}"),
         ("s/step vs TRL", "step_ratio", "{:.2f}"),
         ("CPU s vs TRL", "cpu_ratio", "{:.2f}"),
         ("RSS vs TRL", "rss_ratio", "{:.2f}"),
@@ -653,9 +679,11 @@ def main() -> None:
         configs = [(loss, a.vocab, a.completion) for loss in a.losses.split(",")]
     rates = matmul_rates("cuda" if cuda else "cpu", a.dtype, sorted({v for _, v, _ in configs}))
     heads = ", ".join(f"V={v}: {f / 1e9:.1f}" for v, f in rates["decode_head_flops"].items())
+    reads = ", ".join(f"V={v}: {b / 1e9:.1f}" for v, b in rates["head_read_bytes"].items())
     print(
         f"{device_name()}, {torch.get_num_threads()} torch threads; {a.dtype} GFLOP/s: matmul 2048^3 "
-        f"{rates['matmul_flops'] / 1e9:.0f}, decode head [4,{HIDDEN}]x[{HIDDEN},V] {heads}; logs in {tmp}",
+        f"{rates['matmul_flops'] / 1e9:.0f}, decode head [4,{HIDDEN}]x[{HIDDEN},V] {heads}; "
+        f"head read GB/s {reads}; logs in {tmp}",
         flush=True,
     )
 

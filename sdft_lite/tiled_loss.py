@@ -187,18 +187,26 @@ def _topk_from_tiles(tiles: _Tiles, spec: LossSpec) -> tuple[Tensor, Tensor]:
     return loss, support + dense
 
 
+def _first_indices(mask: Tensor, room: int) -> Tensor:
+    """[room, 2] (row, column) indices of a 2-D mask's first `room` true entries in row-major
+    order, padded with -1: `nonzero_static`, which allocates no more than that, where it runs."""
+    if mask.device.type in ("cpu", "cuda"):
+        return torch.nonzero_static(mask, size=room, fill_value=-1)
+    found = mask.nonzero()[:room]
+    return torch.cat([found, found.new_full((room - found.shape[0], 2), -1)])
+
+
 class _RunningTopK:
     """The k largest logits of each row over the vocabulary tiles (the top-k support), their ids,
     and the other side's logits at the same ids (teacher or student).
 
     Each tile offers its entries above the row's k-th value at the last merge: past the first
-    tiles a handful per row, found through the maxima of blocks of `BLOCK` entries (a row with
-    more than k gives the tile's own top-k instead). They queue until some row has k of them; a
-    merge then keeps the k largest of the support and the queue, and hands back the entries that
-    did not stay.
+    tiles a handful per row (a row with more than k gives the tile's own top-k instead). They
+    queue until some row has k of them; a merge then keeps the k largest of the support and the
+    queue, and hands back the entries that did not stay.
     """
 
-    BLOCK = 16  # entries per block of the per-tile filter
+    ROOM_PER_ROW = 64  # candidate indices per row a tile may take (at most k) before all rows give a top-k
 
     def __init__(self, rows: int, k: int, dtype: torch.dtype, device: torch.device, source_is_student: bool):
         self.source_is_student = source_is_student
@@ -210,35 +218,53 @@ class _RunningTopK:
 
     def offer(self, source: Tensor, other: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """Queue a tile's candidates (`source`, `other`: its [rows, cols] logits; `start`: its first
-        vocabulary id); returns their (row, column) indices in the tile. A row gives at most k."""
+        vocabulary id); returns their (row, column) indices in the tile. A row gives at most k.
+
+        The candidates are found by one comparison with each row's threshold and their indices
+        taken into a fixed room, so that a tile with many (the first ones, or logits that grow
+        along the vocabulary) allocates no more than its mask and the room; the rows' counts come
+        from those indices. Measured on the bench's loss (500 rows, vocab 151,936, top-100 + tail,
+        2-core AMD EPYC, best / median of 10, interleaved): 1.01 / 1.17 s, against 1.15 / 1.40 s
+        when the candidates came from the maxima of 16-entry blocks and a gather of the blocks
+        above the threshold. A room of 16 per row: 1.07 / 1.30 s (more tiles overflow into the
+        top-k). Counting each tile's rows from the mask instead: ~0.05 s slower (`sum` converts a
+        bool mask to integers first).
+        """
         (rows, cols), k = source.shape, self.values.shape[1]
         threshold = self.values[:, -1:]
-        if cols % self.BLOCK:  # a narrower last tile: every row gives its own top-k
-            hit = None
-            many = torch.ones(rows, dtype=torch.bool, device=source.device)
-        else:  # the blocks whose maximum is above the row's threshold
-            hit = source.view(rows, cols // self.BLOCK, self.BLOCK).amax(-1) > threshold
-            many = hit.sum(-1) * self.BLOCK > k
+        # Past the first tiles a row has a few candidates: their indices, up to a fixed room
+        # (`nonzero_static`: never an output larger than the room), and the counts from them.
+        room = rows * min(k, self.ROOM_PER_ROW)
+        found = _first_indices(source > threshold, room)
+        n_found = int((found[:, 0] >= 0).sum())
+        if n_found < room:  # all of them, row-major: sorted by row
+            row, col = found[:n_found].t().contiguous()  # a copy: the queue must not keep the room
+            many = torch.bincount(row, minlength=rows) > k
+            dense = int(many.sum())
+        else:  # more than the room (the first tiles): every row gives its top-k, exact for any count
+            dense = rows
         # Rows with over k candidates give the tile's own top-k: no entry outside it can enter.
         # When that is a quarter of the rows or more, every row does (one top-k, no row copies).
-        dense = int(many.sum())
-        if hit is None or 4 * dense >= rows:
+        if 4 * dense >= rows:
             top = source.topk(min(k, cols), dim=-1, sorted=False)
             row = torch.arange(rows, device=source.device).repeat_interleave(top.indices.shape[1])
             col, values = top.indices.reshape(-1), top.values.reshape(-1)
+            above = values > threshold[row, 0]
+            row, col, values = row[above], col[above], values[above]
         else:
-            hit[many] = False
-            row, blk = hit.nonzero(as_tuple=True)
-            col = (blk[:, None] * self.BLOCK + torch.arange(self.BLOCK, device=blk.device)).reshape(-1)
-            row = row.repeat_interleave(self.BLOCK)
+            if dense:
+                sparse = ~many[row]
+                row, col = row[sparse], col[sparse]
+            values = source[row, col]
             if dense:
                 dense_rows = many.nonzero().squeeze(1)
                 top = source[dense_rows].topk(min(k, cols), dim=-1, sorted=False)
-                row = torch.cat([dense_rows.repeat_interleave(top.indices.shape[1]), row])
-                col = torch.cat([top.indices.reshape(-1), col])
-            values = source[row, col]
-        above = values > threshold[row, 0]
-        row, col, values = row[above], col[above], values[above]
+                top_rows = dense_rows.repeat_interleave(top.indices.shape[1])
+                top_values = top.values.reshape(-1)
+                above = top_values > threshold[top_rows, 0]
+                row = torch.cat([top_rows[above], row])
+                col = torch.cat([top.indices.reshape(-1)[above], col])
+                values = torch.cat([top_values[above], values])
         self._queue.append((row, col + start, values, other[row, col]))
         self._queued += torch.bincount(row, minlength=rows)
         return row, col

@@ -239,6 +239,27 @@ def test_running_topk_keeps_the_k_largest_of_each_row_over_tiles():
         assert offered.max() <= 1 and torch.equal(offered, final + dropped)
 
 
+def test_running_topk_offer_allocates_its_mask_not_an_index_per_candidate():
+    """A tile whose every entry beats the threshold (logits rising along the vocabulary) hands
+    back each row's top-k, and allocates its bool mask, the fixed room of indices and k entries
+    per row: not the 16 bytes of (row, column) indices per candidate a plain `nonzero` would."""
+    from sdft_lite.tiled_loss import _RunningTopK
+
+    rows, cols, k = 64, 4096, 8
+    x = torch.linspace(-1.0, 1.0, 2 * cols).expand(rows, -1).contiguous()
+    top = _RunningTopK(rows, k, x.dtype, x.device, source_is_student=True)
+    top.offer(x[:, :cols], x[:, :cols], 0)
+    top.merge()  # thresholds now from the first tile: the whole second tile is above them
+    with LiveTensorBytes() as mem:
+        row, col = top.offer(x[:, cols:], x[:, cols:], cols)
+    assert torch.equal(torch.bincount(row, minlength=rows), torch.full((rows,), k))
+    assert torch.equal(col.view(rows, k).sort(-1).values, torch.arange(cols - k, cols).expand(rows, -1))
+    room = rows * min(k, _RunningTopK.ROOM_PER_ROW) * 2 * 8
+    per_row = rows * k * (8 + 8 + 8 + 4 + 4 + 1)  # top-k indices, rows, ids, values, other, masks
+    assert mem.peak <= rows * cols + room + per_row + 64 * 1024
+    assert mem.peak < rows * cols * 16 / 4  # what a `nonzero` over the mask would have taken
+
+
 def test_output_head_exposes_only_plain_linear_weights():
     assert _trainer_head(nn.Linear(H, V, bias=False)).linear_weight is not None
     # the softcap must be applied
