@@ -181,9 +181,9 @@ def floor(r: dict, rates: dict) -> dict:
             "attention": 2 * LAYERS * HIDDEN * n * n,
         }
 
-    student = forward(PROMPT_TOKENS)
+    student = forward(PROMPT_TOKENS)  # the rollout's own prompt too
     flops = {
-        "rollout": rows * sum(forward(PROMPT_TOKENS).values()),
+        "rollout": rows * sum(student.values()),
         "teacher": rows * sum(forward(TEACHER_PROMPT_TOKENS).values()),
         # forward, then the inputs' gradient through every product, and the LoRA weights' gradient
         "student": rows * (2 * student["frozen"] + 3 * student["lora"] + 3 * student["attention"]),

@@ -240,7 +240,7 @@ class _RunningTopK:
         top-k). Counting each tile's rows from the mask instead: ~0.05 s slower (`sum` converts a
         bool mask to integers first).
         """
-        (rows, cols), k = source.shape, self.values.shape[1]
+        rows, k = source.shape[0], self.values.shape[1]
         threshold = self.values[:, -1:]
         # Past the first tiles a row has a few candidates: their indices, up to a fixed room
         # (`nonzero_static`: never an output larger than the room), and the counts from them.
@@ -256,28 +256,32 @@ class _RunningTopK:
         # Rows with over k candidates give the tile's own top-k: no entry outside it can enter.
         # When that is a quarter of the rows or more, every row does (one top-k, no row copies).
         if 4 * dense >= rows:
-            top = source.topk(min(k, cols), dim=-1, sorted=False)
-            row = torch.arange(rows, device=source.device).repeat_interleave(top.indices.shape[1])
-            col, values = top.indices.reshape(-1), top.values.reshape(-1)
-            above = values > threshold[row, 0]
-            row, col, values = row[above], col[above], values[above]
+            row, col, values = self._top_above(source, None, threshold)
         else:
             if dense:
                 sparse = ~many[row]
                 row, col = row[sparse], col[sparse]
             values = source[row, col]
             if dense:
-                dense_rows = many.nonzero().squeeze(1)
-                top = source[dense_rows].topk(min(k, cols), dim=-1, sorted=False)
-                top_rows = dense_rows.repeat_interleave(top.indices.shape[1])
-                top_values = top.values.reshape(-1)
-                above = top_values > threshold[top_rows, 0]
-                row = torch.cat([top_rows[above], row])
-                col = torch.cat([top.indices.reshape(-1)[above], col])
-                values = torch.cat([top_values[above], values])
+                top_row, top_col, top_values = self._top_above(source, many.nonzero().squeeze(1), threshold)
+                row, col = torch.cat([top_row, row]), torch.cat([top_col, col])
+                values = torch.cat([top_values, values])
         self._queue.append((row, col + start, values, other[row, col]))
         self._queued += torch.bincount(row, minlength=rows)
         return row, col
+
+    def _top_above(self, source: Tensor, rows: Tensor | None, threshold: Tensor) -> tuple[Tensor, ...]:
+        """(row, column, value) of the tile's top-k entries above their row's threshold, for the
+        given rows (None: every row, without copying the tile)."""
+        k = min(self.values.shape[1], source.shape[1])
+        if rows is None:
+            rows = torch.arange(source.shape[0], device=source.device)
+            top = source.topk(k, dim=-1, sorted=False)
+        else:
+            top = source[rows].topk(k, dim=-1, sorted=False)
+        row, col, values = rows.repeat_interleave(k), top.indices.reshape(-1), top.values.reshape(-1)
+        above = values > threshold[row, 0]
+        return row[above], col[above], values[above]
 
     def full(self) -> bool:
         return bool((self._queued >= self.values.shape[1]).any())

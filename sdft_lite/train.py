@@ -121,9 +121,9 @@ def mmap_threshold_bytes(recipe: Recipe, vocab_size: int) -> int:
     e.g. of top-k / top-p warping; the head's logits and the sampler's probabilities have buffers
     of their own, see `sampling.decode_head`): served from the heap they are reused in place,
     instead of paying a fresh mmap and its page faults each time (measured, when the logits and
-    probabilities were allocated per token: ~15 % of a CPU step at vocab 152k). Above it sit the loss's buffers (tens of MiB
-    per [rows, vocab] chunk; the vocabulary tiles of an fp32 head, a few MiB each, for batches up to
-    a few rows), which the heap would keep resident after the loss.
+    probabilities were allocated per token: ~15 % of a CPU step at vocab 152k). Above it sit the
+    loss's buffers (tens of MiB per [rows, vocab] chunk; the vocabulary tiles of an fp32 head, a
+    few MiB each, for batches up to a few rows), which the heap would keep resident after the loss.
     """
     from .losses import _FP32_BYTES, LossSpec, rows_per_chunk
 
