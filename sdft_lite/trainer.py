@@ -13,9 +13,10 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import ProgressCallback, Trainer, TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 
 from .config import Recipe
+from .hf_trainer import Trainer
 from .losses import LossSpec, aggregate_loss, chunked_distillation_loss
 from .memory import peak_rss_mib
 from .models import decoder_hidden_states, output_head
