@@ -42,9 +42,11 @@ weight (the base layers and the tied head: no weight gradient) is one more produ
 gradient, and that of the LoRA weights and of attention two. P = non-embedding weights incl. LoRA.
 Roofline floor: the same, with the rollout head priced at the larger of its FLOP time and the time
 to read its whole weight once per token at this machine's measured read rate (best `sum()` over
-the head itself): a bound on any exact fp32 implementation, memory-bound on a CPU. Decode-bound
-floor: the rollout head at the measured rate of its real product [4, H] x [H, V] (the fastest of
-the three layouts sampling.head_layout picks from): what the BLAS at hand allows. Softmax, KL and
+the head itself): a bound on any exact implementation that reads the fp32 head, memory-bound on a
+CPU (sdft-lite's rollout draws through an int8 copy of it where that is faster, exactly, by
+rejection: sampling.Int8Proposal; its head can then go below this). Decode-bound floor: the
+rollout head at the measured rate of its real fp32 product [4, H] x [H, V] (the fastest of the
+three layouts sampling.head_layout picks from): what the BLAS at hand allows. Softmax, KL and
 sampling are not counted.
 """
 
@@ -465,6 +467,10 @@ def child(spec: dict) -> dict:
         "rss_before_train_mib": rss_before,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
+    if ours:  # tokens drawn through sampling.Int8Proposal (rows, draws, fallbacks), all steps
+        from sdft_lite.sampling import PROPOSAL_STATS
+
+        result["int8_proposal"] = dict(PROPOSAL_STATS)
     if spec["profile"]:
         stats = pstats.Stats(log["cprofile"]).stats
         result["profile_phases"] = {
@@ -595,6 +601,15 @@ def print_profile(p: dict) -> None:
     )
     for label, seconds in p["profile_phases"].items():
         print(f"  {label:40} {seconds:7.2f}")
+    stats = p.get("int8_proposal") or {}
+    if stats.get("rows"):
+        print(
+            f"int8 proposal (sampling.Int8Proposal), all steps of the run: {stats['rows']} tokens, "
+            f"{stats['rows'] / max(stats.get('draws', 0), 1):.1%} of draws accepted, "
+            f"{stats.get('fallback_rows', 0)} from the fp32 head"
+        )
+    elif "int8_proposal" in p:
+        print("int8 proposal: not used (see sampling.int8_proposal)")
     print("Top ops by self time and input shapes (torch.profiler, second measured step):")
     for e in p["profile_top_ops"]:
         shapes = " x ".join(str(s) for s in e["shapes"][:2]).replace(" ", "")

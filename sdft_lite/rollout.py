@@ -127,6 +127,7 @@ def _sample(
                     top_k=cfg.top_k,
                     top_p=cfg.top_p,
                     greedy=greedy,
+                    logprobs=record_logprobs,
                 )
         else:
             completion, logprobs = _hf_generate(

@@ -16,9 +16,13 @@ steps of a tiny decoder run on one intra-op thread (`_tiny_decode_step`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
+import weakref
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,8 +115,20 @@ def sample_from_logits(
     probabilities (the decode loop passes one, so nothing of size [B, V] is allocated per token).
     """
     probs, mass = _row_masses(logits.float(), block, out)
+    return _draw(probs, mass, mass.cumsum(-1), block, generator)
+
+
+def _draw(
+    probs: torch.Tensor,
+    mass: torch.Tensor,
+    cdf: torch.Tensor,
+    block: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One inverse-CDF draw per row from `_row_masses`' output and the block masses' cumulative
+    sums: (token ids [B], log-probs [B]). Drawing again from the same tensors costs no pass over
+    the vocabulary (the rejection sampler of `Int8Proposal` does)."""
     vocab = probs.shape[1]
-    cdf = mass.cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * total
     blk = torch.searchsorted(cdf, u, right=True).clamp_(max=mass.shape[1] - 1)
@@ -142,9 +158,9 @@ HEAD_TIMING_REPEATS = 4
 _HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads) -> the fastest layout
 
 
-def _timed_min(candidates: dict[str, Callable[[], object]], repeats: int) -> str:
-    """Name of the candidate with the lowest time, each called once to warm up, then `repeats`
-    times interleaved (a slow spell of a shared machine hits them all alike)."""
+def _timed(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each candidate's lowest time, each called once to warm up, then `repeats` times
+    interleaved (a slow spell of a shared machine hits them all alike)."""
     import time
 
     best = dict.fromkeys(candidates, float("inf"))
@@ -155,6 +171,12 @@ def _timed_min(candidates: dict[str, Callable[[], object]], repeats: int) -> str
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _timed_min(candidates: dict[str, Callable[[], object]], repeats: int) -> str:
+    """Name of the candidate with the lowest time (see `_timed`)."""
+    best = _timed(candidates, repeats)
     return min(best, key=best.get)
 
 
@@ -229,6 +251,214 @@ def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return out.t() if vocab_major else out
 
     return logits
+
+
+# Exact sampling from an int8 copy of the output head, by rejection (see `Int8Proposal`).
+INT8_PROPOSAL = True
+INT8_BUILD_ROWS = (
+    8192  # rows quantized at a time: the copy is built without an fp32 temporary of the head's size
+)
+INT8_MAX_BOUND = 1.0  # nats: a token whose error bound is larger uses the fp32 head (acceptance >= e^-2)
+INT8_ROUNDS = 8  # proposals per row and token before the row falls back to the fp32 head
+INT8_MAX_EXACT_COLUMNS = 8  # hidden coordinates kept fp32 (outliers), see `Int8Proposal`
+INT8_OUTLIER_FACTOR = 4.0
+INT8_MIN_SPEEDUP = 1.25  # the int8 product must beat the fp32 one by this factor (timed once per shape)
+_U = 2.0**-24  # fp32 unit roundoff
+_INT8_CHOICE: dict[tuple, bool] = {}  # (shape, rows, threads) -> whether the int8 product is faster
+PROPOSAL_STATS: collections.Counter = collections.Counter()  # rows sampled, draws, fallback rows
+_INT8_HEADS: list = []  # the last head quantized: (weakref to its weight, its version, the Int8Proposal)
+
+
+class Int8Proposal:
+    """Tokens drawn exactly from softmax(h W^T / T), with W the fp32 head, while reading an int8 copy.
+
+    On CPU the rollout's output head reads its whole fp32 weight for every generated token, and
+    that read, not arithmetic, is the cost (README, "Speed and memory"). Here the head is copied
+    once, and each token's logits are first computed approximately from the copy, reading about a
+    quarter of the bytes:
+
+    - outlier columns K (at most `INT8_MAX_EXACT_COLUMNS`, those whose largest |W_vi| exceeds
+      `INT8_OUTLIER_FACTOR` times the median column's) stay fp32, as a [|K|, V] copy; an
+      embedding with a few large coordinates would otherwise set every row's int8 scale;
+    - the other columns R become int8 rows q_v with bf16 scales s_v (W_vR ~ q_v s_v), zero-padded
+      to a multiple of 32 columns, multiplied by `torch.ops.aten._weight_int8pack_mm` (bf16
+      hidden state, fp32 accumulation, bf16 result).
+
+    The approximation's error has a bound E per row that costs O(H) to compute (`bound`). With
+    hb the bf16 h_R, |.| Euclidean norms, maxima over the vocabulary taken when the copy is made,
+    and g_n = n u / (1 - n u) for fp32 sums of n terms (u = 2^-24):
+
+        |h W_v - approx_v| <= |h_R - hb| max|W_vR| + |hb| max|W_vR - q_v s_v|
+                              + |hb| max|q_v s_v| (g_|R| + 2^-8 (1 + g_|R|))    (bf16 result: 2^-9, doubled)
+                              + g_(|K|+1) (|hb| max|q_v s_v| (1 + g_|R|)(1 + 2^-8) + |h_K| max|W_vK|).
+
+    So exp(logit_v) <= exp(approx_v + E) for every token, and rejection sampling is exact: a
+    token v drawn from softmax(approx / T) is accepted with probability exp((h W_v - approx_v
+    - E) / T), its exact logit computed from the one fp32 row W_v; a rejected row draws again
+    from the same CDF (no pass over the vocabulary). The acceptance rate is at least
+    exp(-2 E / T). A token with E / T above `INT8_MAX_BOUND`, or a row still rejected after
+    `INT8_ROUNDS` draws, is sampled from the fp32 head instead; an accepted draw and such a
+    fallback both follow the exact distribution, so their mixture does too (tests/test_sampling.py
+    checks frequencies and the bound). Temperature only: top-k and top-p select tokens by their
+    exact logits, and the draw's log-probability needs the exact normaliser, so callers that need
+    either keep the fp32 head (`sample_completions`).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        vocab, hidden = weight.shape
+        self.weight = weight
+        column_max = torch.zeros(hidden)
+        for start in range(0, vocab, INT8_BUILD_ROWS):
+            column_max = torch.maximum(column_max, weight[start : start + INT8_BUILD_ROWS].abs().amax(0))
+        top = column_max.topk(min(INT8_MAX_EXACT_COLUMNS, hidden)).indices
+        is_exact = torch.zeros(hidden, dtype=torch.bool)
+        is_exact[top[column_max[top] > INT8_OUTLIER_FACTOR * column_max.median()]] = True
+        self.exact_columns = is_exact.nonzero().squeeze(1)
+        self.exact_t = weight[:, self.exact_columns].t().contiguous()  # [|K|, V]
+        # The int8 rows span every column, zero in the exact ones, padded with zero columns to a
+        # multiple of 32 (the kernel's vector loads need it): the bf16 input is then h itself.
+        width = -(-hidden // 32) * 32
+        self.q = torch.zeros(vocab, width, dtype=torch.int8)
+        self.scales = torch.empty(vocab, dtype=torch.bfloat16)
+        keep = (~is_exact).float()
+        rest_max = error_max = copy_max = exact_max = 0.0
+        for start in range(0, vocab, INT8_BUILD_ROWS):
+            block = weight[start : start + INT8_BUILD_ROWS]
+            w = block * keep
+            scale = (w.abs().amax(1) / 127).to(torch.bfloat16)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero row: q = 0
+            q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127)
+            copy = q * scale.float()[:, None]  # what the kernel multiplies by: int8 * scale in fp32
+            self.q[start : start + len(w), :hidden] = q.to(torch.int8)
+            self.scales[start : start + len(w)] = scale
+            rest_max = max(rest_max, w.norm(dim=1).max().item())
+            error_max = max(error_max, (w - copy).norm(dim=1).max().item())
+            copy_max = max(copy_max, copy.norm(dim=1).max().item())
+            exact_max = max(exact_max, (block - w).norm(dim=1).max().item())
+        g_rest, g_exact = (n * _U / (1 - n * _U) for n in (width, len(self.exact_columns) + 1))
+        self.rest_max, self.exact_max = rest_max, exact_max
+        # Per unit of |hb|: the int8 part's error, and (for the fp32 sum with the exact columns) its size.
+        self.per_hb = error_max + copy_max * (g_rest + 2.0**-8 * (1 + g_rest))
+        self.size_per_hb = copy_max * (1 + g_rest) * (1 + 2.0**-8)
+        self.g_exact = g_exact if len(self.exact_columns) else 0.0
+        self.usable = all(map(math.isfinite, (rest_max, error_max, copy_max, exact_max)))
+        # Sums of squares over R and over K in one product: [.., H] @ [H, 2].
+        self._columns = np.stack([(~is_exact).numpy(), is_exact.numpy()], axis=1).astype(np.float64)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bound(self, hidden: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(the int8 product's input: h in bf16, zero-padded [B, width]; the bound E [B]).
+
+        The arithmetic on these [B, H] vectors runs in NumPy (float64): a few microseconds where
+        a dozen small torch ops cost ~0.5 ms per token on the 2-core CPU."""
+        rows, hidden_size = hidden.shape
+        if self.q.shape[1] == hidden_size:
+            hb = hidden.to(torch.bfloat16)
+        else:
+            hb = torch.zeros(rows, self.q.shape[1], dtype=torch.bfloat16)
+            hb[:, :hidden_size] = hidden
+        h = hidden.numpy().astype(np.float64)
+        hf = hb[:, :hidden_size].float().numpy().astype(np.float64)
+        (d_rest, d_exact), (f_rest, f_exact) = np.sqrt(np.square([h - hf, hf]) @ self._columns).transpose(
+            0, 2, 1
+        )
+        e = d_rest * self.rest_max + f_rest * self.per_hb
+        if self.g_exact:  # |h_K| <= |hb_K| + |h_K - hb_K|
+            e = e + self.g_exact * (f_rest * self.size_per_hb + (f_exact + d_exact) * self.exact_max)
+        return hb, e * (1 + 1e-3)  # a margin for the rounding of the norms themselves
+
+    def approx_logits(
+        self, hidden: torch.Tensor, hb: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """fp32 [B, V]: the int8 product plus the exact columns' (into `out` if given)."""
+        approx = torch.ops.aten._weight_int8pack_mm(hb, self.q, self.scales)
+        out = approx.float() if out is None else out.copy_(approx)
+        if len(self.exact_columns):
+            out.addmm_(hidden[:, self.exact_columns], self.exact_t)
+        return out
+
+    def sample(
+        self,
+        hidden: torch.Tensor,
+        temperature: float,
+        exact_head: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """One token per row of `hidden` [B, H] (fp32); `exact_head`: hidden -> fp32 logits
+        (e.g. `decode_head`'s), for rows that fall back. Counts go to `PROPOSAL_STATS`: rows,
+        draws, fallback rows. The approximate logits and their probabilities live in two
+        [B, V] buffers kept with the copy (allocated per token they would fragment the heap,
+        see `decode_head`)."""
+        hb, e = self.bound(hidden)
+        e = e / temperature
+        rows = hidden.shape[0]
+        PROPOSAL_STATS["rows"] += rows
+        if not (np.isfinite(e).all() and e.max() <= INT8_MAX_BOUND):
+            PROPOSAL_STATS["fallback_rows"] += rows
+            return sample_from_logits(exact_head(hidden) / temperature)[0]
+        if self._buffers is None or self._buffers[0].shape[0] != rows:
+            self._buffers = (torch.empty(rows, self.weight.shape[0]), torch.empty(rows, self.weight.shape[0]))
+        logits = self.approx_logits(hidden, hb, out=self._buffers[0])
+        if temperature != 1.0:
+            logits.div_(temperature)
+        p, mass = _row_masses(logits, SAMPLE_BLOCK, self._buffers[1])
+        cdf = mass.cumsum(-1)
+        h = hidden.numpy()
+        tokens = np.zeros(rows, dtype=np.int64)
+        todo = np.ones(rows, dtype=bool)
+        for _ in range(INT8_ROUNDS):
+            PROPOSAL_STATS["draws"] += int(todo.sum())
+            drawn = _draw(p, mass, cdf, SAMPLE_BLOCK)[0]
+            ids = drawn.numpy()
+            exact = np.einsum("bh,bh->b", self.weight[drawn].numpy(), h) / temperature  # fp32
+            approx = logits.gather(1, drawn[:, None]).squeeze(1).numpy()
+            accept = todo & (torch.rand(rows).numpy() < np.exp(exact - approx - e))
+            tokens[accept] = ids[accept]
+            todo &= ~accept
+            if not todo.any():
+                return torch.from_numpy(tokens)
+        PROPOSAL_STATS["fallback_rows"] += int(todo.sum())
+        tokens[todo] = sample_from_logits(exact_head(hidden[torch.from_numpy(todo)]) / temperature)[0].numpy()
+        return torch.from_numpy(tokens)
+
+
+def int8_proposal(
+    model, rows: int, exact_head: Callable[[torch.Tensor], torch.Tensor]
+) -> Int8Proposal | None:
+    """The `Int8Proposal` for this model's head, where one is worth it: a plain fp32 CPU head of
+    at least `HEAD_TIMING_MIN_BYTES`, a PyTorch with the int8 kernel, and, timed once per shape
+    on this CPU, an int8 product at least `INT8_MIN_SPEEDUP` times faster than the fp32 one in
+    its fastest layout, `exact_head` (on x86 the kernel is vectorized for bf16 inputs only). The copy
+    (V x H bytes plus 2 V) is kept for the next rollout while the weight is unchanged."""
+    weight = output_head(model).linear_weight
+    if (
+        not INT8_PROPOSAL
+        or weight is None
+        or weight.device.type != "cpu"
+        or not weight.is_contiguous()
+        or weight.nbytes < HEAD_TIMING_MIN_BYTES
+        or not hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    ):
+        return None
+    if _INT8_HEADS and _INT8_HEADS[0][0]() is weight and _INT8_HEADS[0][1] == weight._version:
+        proposal = _INT8_HEADS[0][2]
+    else:
+        _INT8_HEADS.clear()
+        proposal = Int8Proposal(weight.detach())
+        # Dropped with the weight (the parameter itself, not a detached view): a model freed
+        # later does not stay resident through the copy's reference to its storage.
+        _INT8_HEADS.append((weakref.ref(weight, lambda _: _INT8_HEADS.clear()), weight._version, proposal))
+    key = (tuple(weight.shape), rows, torch.get_num_threads())
+    if key not in _INT8_CHOICE:
+        h = torch.randn(rows, weight.shape[1])
+        times = _timed(
+            {
+                "int8": lambda: proposal.approx_logits(h, *proposal.bound(h)[:1]),
+                "fp32": lambda: exact_head(h),
+            },
+            HEAD_TIMING_REPEATS,
+        )
+        _INT8_CHOICE[key] = times["int8"] * INT8_MIN_SPEEDUP <= times["fp32"]
+    return proposal if proposal.usable and _INT8_CHOICE[key] else None
 
 
 MERGED_LORA_MAX_BYTES = 256 * 2**20
@@ -323,13 +553,15 @@ def sample_completions(
     top_k: int = 0,
     top_p: float = 1.0,
     greedy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logprobs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample `num_samples` completions per left-padded prompt row.
 
     Returns (completion ids [B * num_samples, T], log-probs of each sampled token under the
-    warped distribution [B * num_samples, T]); rows are grouped per prompt (repeat_interleave
-    order). Tokens after a row's first EOS are `pad_id` (log-prob 0); T stops early when all
-    rows have finished.
+    warped distribution [B * num_samples, T], or None with `logprobs=False`); rows are grouped
+    per prompt (repeat_interleave order). Tokens after a row's first EOS are `pad_id` (log-prob
+    0); T stops early when all rows have finished. Without log-probs, top-k and top-p, tokens
+    after the first may be drawn through `Int8Proposal` (same distribution, see there).
     """
     from transformers import DynamicCache
 
@@ -346,6 +578,10 @@ def sample_completions(
         use_cache=True,
     )
     logits = head(out.last_hidden_state[:, -1])
+    proposal = None
+    if not (greedy or logprobs or top_k or top_p < 1.0):
+        proposal = int8_proposal(model, rows, head)
+    pending = None  # a decode step's hidden state, for the proposal
     cache = out.past_key_values
     mask = prompt_mask
     if num_samples > 1:  # one prefill per prompt, its KV cache copied for each sample
@@ -361,7 +597,10 @@ def sample_completions(
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens, logps, probs = [], [], None
     for step in range(max_new_tokens):
-        if greedy:
+        if pending is not None:
+            tok = proposal.sample(pending, temperature, head)
+            lp = None
+        elif greedy:
             tok = logits.argmax(-1)
             lp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
         else:
@@ -374,7 +613,8 @@ def sample_completions(
             tok, lp = sample_from_logits(warped, out=probs)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
-        logps.append(torch.where(finished, torch.zeros_like(lp), lp))
+        if logprobs:
+            logps.append(torch.where(finished, torch.zeros_like(lp), lp))
         finished |= torch.isin(tok, eos)
         if finished.all() or step == max_new_tokens - 1:
             break
@@ -392,5 +632,8 @@ def sample_completions(
                     use_cache=True,
                 )
             hidden, cache = out.last_hidden_state[:, -1], out.past_key_values
-        logits = head(hidden)
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
+        if proposal is not None:
+            pending = hidden.float()
+        else:
+            logits = head(hidden)
+    return torch.stack(tokens, 1), torch.stack(logps, 1) if logprobs else None

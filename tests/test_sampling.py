@@ -288,3 +288,130 @@ def test_tiny_decoder_steps_on_one_thread_sample_the_same(model_and_tok, monkeyp
     (one_ids, one_lp), (all_ids, all_lp) = runs.values()
     assert torch.equal(one_ids, all_ids)
     torch.testing.assert_close(one_lp, all_lp, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- int8 proposal (rejection)
+def _head(vocab: int, hidden: int, seed: int, outlier: bool) -> torch.Tensor:
+    """A head like a small model's tied embedding; `outlier`: one constant coordinate (1.0, and
+    -5.0 in two rows), as the bench's model has, which would set every row's int8 scale."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(vocab, hidden, generator=g) * 0.02
+    w[3] = 0.0  # a zero row
+    w[5, 7] = 0.5  # a row with one large entry
+    if outlier:
+        w[:, 0] = 1.0
+        w[:2, 0] = -5.0
+    return w
+
+
+@pytest.mark.parametrize("hidden", [64, 72])  # 72: the int8 rows are padded to 96 columns
+@pytest.mark.parametrize("outlier", [False, True])
+def test_int8_proposal_error_bound_holds(hidden, outlier):
+    """|h W_v - approx_v| <= E for every row and token, with h W_v in float64, over hidden
+    states from tiny to huge, one with a massive coordinate; and E is not vacuous."""
+    from sdft_lite.sampling import Int8Proposal
+
+    w = _head(5000, hidden, seed=hidden, outlier=outlier)
+    proposal = Int8Proposal(w)
+    assert proposal.usable
+    assert proposal.exact_columns.tolist() == ([0, 7] if outlier else [7])  # 7: row 5's large entry
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, hidden, generator=g) * torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3, 1.0])[:, None]
+    h[5, 0] = 300.0  # a massive activation
+    hb, e = proposal.bound(h)
+    error = (h.double() @ w.double().t() - proposal.approx_logits(h, hb).double()).abs()
+    bound = torch.from_numpy(e)[:, None]
+    assert (error <= bound).all(), (error / bound).max()
+    assert (error.amax(1) / bound[:, 0] > 0.02).all()  # within ~50x of the worst error seen
+    if outlier:  # the constant coordinate is exact: the bound does not grow with it
+        assert e[5] < e[2] * 100
+
+
+@pytest.mark.parametrize("rounds", [8, 1])  # 1: many rows fall back to the fp32 head
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_int8_proposal_samples_the_exact_distribution(rounds, temperature, monkeypatch):
+    """Rejection from the int8 approximation draws tokens with the exact softmax(h W^T / T)
+    frequencies (chi-square per hidden state), rejections and fallbacks included."""
+    import sdft_lite.sampling as sampling
+
+    monkeypatch.setattr(sampling, "INT8_ROUNDS", rounds)
+    monkeypatch.setattr(sampling, "SAMPLE_BLOCK", 64)  # 7 blocks, the last one partial (400 = 6 * 64 + 16)
+    monkeypatch.setattr(sampling, "PROPOSAL_STATS", type(sampling.PROPOSAL_STATS)())
+    vocab, hidden, copies, calls = 400, 64, 2500, 8
+    w = _head(vocab, hidden, seed=3, outlier=True)
+    proposal = sampling.Int8Proposal(w)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, hidden, generator=g) * 15.0  # peaked rows, and a bound of ~0.2-0.4 nats
+    h[:, 0] = 11.0
+    assert 0.1 < proposal.bound(h)[1].min() / temperature < sampling.INT8_MAX_BOUND
+    exact = torch.softmax((h.double() @ w.double().t()) / temperature, -1)
+    torch.manual_seed(0)
+    rows = h.repeat_interleave(copies, 0)
+    drawn = torch.cat([proposal.sample(rows, temperature, lambda x: x @ w.t()) for _ in range(calls)])
+    drawn = drawn.view(calls, 2, copies).transpose(0, 1).reshape(2, -1)
+    stats_ = sampling.PROPOSAL_STATS
+    assert stats_["rows"] == 2 * copies * calls
+    assert stats_["draws"] + stats_["fallback_rows"] > stats_["rows"] * 1.05  # rejections happened
+    if rounds == 1:
+        assert stats_["fallback_rows"] > 0
+    else:  # acceptance is >= exp(-2 E / T): eight rejections in a row are rare
+        assert stats_["fallback_rows"] < 0.01 * stats_["rows"]
+    for row in range(2):
+        counts = torch.bincount(drawn[row], minlength=vocab).double()
+        expected = exact[row] * drawn.shape[1]
+        big = expected >= 5  # bins with expected count >= 5, the rest merged into one
+        observed = torch.cat([counts[big], counts[~big].sum()[None]])
+        expect = torch.cat([expected[big], expected[~big].sum()[None]])
+        assert stats.chisquare(observed, expect).pvalue > 1e-3
+
+
+def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top_p(monkeypatch):
+    """sample_completions uses the int8 proposal for plain temperature sampling without log-probs,
+    on a head above HEAD_TIMING_MIN_BYTES (here forced past the speed check); with log-probs,
+    top-k, top-p or greedy it keeps the fp32 head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sdft_lite.sampling as sampling
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=20_480,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight.nbytes >= sampling.HEAD_TIMING_MIN_BYTES
+    monkeypatch.setattr(sampling, "INT8_MIN_SPEEDUP", 0.0)
+    monkeypatch.setattr(sampling, "_INT8_CHOICE", {})
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    kwargs = dict(max_new_tokens=6, eos_ids=[-1], pad_id=0, num_samples=2)
+    for extra, used in [
+        (dict(logprobs=False), True),
+        (dict(logprobs=False, temperature=0.8), True),
+        (dict(), False),
+        (dict(logprobs=False, top_k=50), False),
+        (dict(logprobs=False, top_p=0.9), False),
+        (dict(logprobs=False, greedy=True), False),
+    ]:
+        monkeypatch.setattr(sampling, "PROPOSAL_STATS", type(sampling.PROPOSAL_STATS)())
+        tokens, logp = sample_completions(model, ids, mask, **kwargs, **extra)
+        assert tokens.shape == (4, 6) and int(tokens.max()) < cfg.vocab_size
+        assert (logp is None) == (extra.get("logprobs", True) is False)
+        # every token after the first (the prefill's logits) goes through the proposal
+        assert sampling.PROPOSAL_STATS["rows"] == (4 * 5 if used else 0), extra
+    head = model.lm_head.weight
+    assert sampling._INT8_HEADS[0][0]() is head  # the copy is kept for the next rollout ...
+    with torch.no_grad():
+        head.mul_(1.0)  # ... until the weight changes
+    first = sampling._INT8_HEADS[0][2]
+    sample_completions(model, ids, mask, **kwargs, logprobs=False)
+    assert sampling._INT8_HEADS[0][2] is not first
+    del model, head, first
+    import gc
+
+    gc.collect()
+    assert not sampling._INT8_HEADS  # freed with the model's head
