@@ -262,7 +262,10 @@ INT8_MAX_BOUND = 1.0  # nats: a token whose error bound is larger uses the fp32 
 INT8_ROUNDS = 8  # proposals per row and token before the row falls back to the fp32 head
 INT8_MAX_EXACT_COLUMNS = 8  # hidden coordinates kept fp32 (outliers), see `Int8Proposal`
 INT8_OUTLIER_FACTOR = 4.0
-INT8_MIN_SPEEDUP = 1.25  # the int8 product must beat the fp32 one by this factor (timed once per shape)
+INT8_MIN_SPEEDUP = 1.25
+INT8_COPY_MAX_BYTES = (
+    256 * 2**20
+)  # the int8 product must beat the fp32 one by this factor (timed once per shape)
 _U = 2.0**-24  # fp32 unit roundoff
 _INT8_CHOICE: dict[tuple, bool] = {}  # (shape, rows, threads) -> whether the int8 product is faster
 PROPOSAL_STATS: collections.Counter = collections.Counter()  # rows sampled, draws, fallback rows
@@ -345,6 +348,7 @@ class Int8Proposal:
         # Sums of squares over R and over K in one product: [.., H] @ [H, 2].
         self._columns = np.stack([(~is_exact).numpy(), is_exact.numpy()], axis=1).astype(np.float64)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows = self.fallbacks = 0  # tokens sampled, and of them drawn from the fp32 head
 
     def bound(self, hidden: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """(the int8 product's input: h in bf16, zero-padded [B, width]; the bound E [B]).
@@ -392,8 +396,10 @@ class Int8Proposal:
         e = e / temperature
         rows = hidden.shape[0]
         PROPOSAL_STATS["rows"] += rows
+        self.rows += rows
         if not (np.isfinite(e).all() and e.max() <= INT8_MAX_BOUND):
             PROPOSAL_STATS["fallback_rows"] += rows
+            self.fallbacks += rows
             return sample_from_logits(exact_head(hidden) / temperature)[0]
         if self._buffers is None or self._buffers[0].shape[0] != rows:
             self._buffers = (torch.empty(rows, self.weight.shape[0]), torch.empty(rows, self.weight.shape[0]))
@@ -417,6 +423,7 @@ class Int8Proposal:
             if not todo.any():
                 return torch.from_numpy(tokens)
         PROPOSAL_STATS["fallback_rows"] += int(todo.sum())
+        self.fallbacks += int(todo.sum())
         tokens[todo] = sample_from_logits(exact_head(hidden[torch.from_numpy(todo)]) / temperature)[0].numpy()
         return torch.from_numpy(tokens)
 
@@ -425,10 +432,12 @@ def int8_proposal(
     model, rows: int, exact_head: Callable[[torch.Tensor], torch.Tensor]
 ) -> Int8Proposal | None:
     """The `Int8Proposal` for this model's head, where one is worth it: a plain fp32 CPU head of
-    at least `HEAD_TIMING_MIN_BYTES`, a PyTorch with the int8 kernel, and, timed once per shape
-    on this CPU, an int8 product at least `INT8_MIN_SPEEDUP` times faster than the fp32 one in
-    its fastest layout, `exact_head` (on x86 the kernel is vectorized for bf16 inputs only). The copy
-    (V x H bytes plus 2 V) is kept for the next rollout while the weight is unchanged."""
+    at least `HEAD_TIMING_MIN_BYTES` whose copy (V x H bytes) fits `INT8_COPY_MAX_BYTES`, a
+    PyTorch with the int8 kernel, and, timed once per shape on this CPU, an int8 product at least
+    `INT8_MIN_SPEEDUP` times faster than the fp32 one in its fastest layout, `exact_head` (on x86
+    the kernel is vectorized for bf16 inputs only). The copy is kept for the next rollout while
+    the weight is unchanged, and given up for good if more than half of a rollout's rows fell
+    back to the fp32 head (hidden states whose error bound is too large to sample from it)."""
     weight = output_head(model).linear_weight
     if (
         not INT8_PROPOSAL
@@ -436,29 +445,38 @@ def int8_proposal(
         or weight.device.type != "cpu"
         or not weight.is_contiguous()
         or weight.nbytes < HEAD_TIMING_MIN_BYTES
+        or weight.nbytes // 4 > INT8_COPY_MAX_BYTES
         or not hasattr(torch.ops.aten, "_weight_int8pack_mm")
     ):
         return None
+    key = (tuple(weight.shape), rows, torch.get_num_threads())
+    if _INT8_CHOICE.get(key) is False:
+        return None
     if _INT8_HEADS and _INT8_HEADS[0][0]() is weight and _INT8_HEADS[0][1] == weight._version:
         proposal = _INT8_HEADS[0][2]
+        if proposal is not None and proposal.fallbacks > proposal.rows / 2:
+            _INT8_HEADS[0] = (*_INT8_HEADS[0][:2], None)  # not worth its memory for this head
+            proposal = None
     else:
         _INT8_HEADS.clear()
         proposal = Int8Proposal(weight.detach())
+        proposal = proposal if proposal.usable else None
         # Dropped with the weight (the parameter itself, not a detached view): a model freed
         # later does not stay resident through the copy's reference to its storage.
         _INT8_HEADS.append((weakref.ref(weight, lambda _: _INT8_HEADS.clear()), weight._version, proposal))
-    key = (tuple(weight.shape), rows, torch.get_num_threads())
+    if proposal is None:
+        return None
     if key not in _INT8_CHOICE:
         h = torch.randn(rows, weight.shape[1])
         times = _timed(
-            {
-                "int8": lambda: proposal.approx_logits(h, *proposal.bound(h)[:1]),
-                "fp32": lambda: exact_head(h),
-            },
+            {"int8": lambda: proposal.approx_logits(h, proposal.bound(h)[0]), "fp32": lambda: exact_head(h)},
             HEAD_TIMING_REPEATS,
         )
         _INT8_CHOICE[key] = times["int8"] * INT8_MIN_SPEEDUP <= times["fp32"]
-    return proposal if proposal.usable and _INT8_CHOICE[key] else None
+        if not _INT8_CHOICE[key]:
+            _INT8_HEADS.clear()
+            return None
+    return proposal
 
 
 MERGED_LORA_MAX_BYTES = 256 * 2**20

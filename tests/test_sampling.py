@@ -365,10 +365,9 @@ def test_int8_proposal_samples_the_exact_distribution(rounds, temperature, monke
         assert stats.chisquare(observed, expect).pvalue > 1e-3
 
 
-def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top_p(monkeypatch):
-    """sample_completions uses the int8 proposal for plain temperature sampling without log-probs,
-    on a head above HEAD_TIMING_MIN_BYTES (here forced past the speed check); with log-probs,
-    top-k, top-p or greedy it keeps the fp32 head."""
+def _big_head_model(monkeypatch):
+    """A 1-layer Llama with a 10 MiB head (above HEAD_TIMING_MIN_BYTES), and the int8 proposal's
+    speed check passed whatever this CPU's timing says."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sdft_lite.sampling as sampling
@@ -387,6 +386,36 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
     assert model.lm_head.weight.nbytes >= sampling.HEAD_TIMING_MIN_BYTES
     monkeypatch.setattr(sampling, "INT8_MIN_SPEEDUP", 0.0)
     monkeypatch.setattr(sampling, "_INT8_CHOICE", {})
+    return model
+
+
+def test_int8_proposal_is_given_up_when_its_bound_is_too_large(monkeypatch):
+    """Hidden states so large that every token falls back to the fp32 head: the copy is used for
+    one rollout (same tokens as the fp32 head would give: all from it), then dropped."""
+    import sdft_lite.sampling as sampling
+
+    model = _big_head_model(monkeypatch)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1e4)  # |h| ~ 1e5: the bound is far above INT8_MAX_BOUND
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    kwargs = dict(max_new_tokens=4, eos_ids=[-1], pad_id=0, logprobs=False)
+    monkeypatch.setattr(sampling, "PROPOSAL_STATS", type(sampling.PROPOSAL_STATS)())
+    sample_completions(model, ids, mask, **kwargs)
+    assert sampling.PROPOSAL_STATS["rows"] == sampling.PROPOSAL_STATS["fallback_rows"] == 2 * 3
+    assert sampling._INT8_HEADS[0][2] is not None
+    sample_completions(model, ids, mask, **kwargs)
+    assert sampling._INT8_HEADS[0][2] is None  # given up for this head
+    assert sampling.PROPOSAL_STATS["rows"] == 6  # the second rollout used the fp32 head only
+
+
+def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top_p(monkeypatch):
+    """sample_completions uses the int8 proposal for plain temperature sampling without log-probs,
+    on a head above HEAD_TIMING_MIN_BYTES (here forced past the speed check); with log-probs,
+    top-k, top-p or greedy it keeps the fp32 head."""
+    import sdft_lite.sampling as sampling
+
+    model = _big_head_model(monkeypatch)
+    cfg = model.config
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
     kwargs = dict(max_new_tokens=6, eos_ids=[-1], pad_id=0, num_samples=2)
     for extra, used in [
