@@ -304,15 +304,18 @@ class Int8Proposal:
     w the padded width and g_n = n u / (1 - n u) for fp32 sums of n terms (u = 2^-24):
 
         |h W_v - approx_v| <= |h_R - hb| max|W_vR| + |hb| max|W_vR - q_v s_v|
-                              + |hb| max|q_v s_v| (g_w + 2^-8 (1 + g_w))    (bf16 result: 2^-9, doubled)
-                              + g_(|K|+1) (|hb| max|q_v s_v| (1 + g_w)(1 + 2^-8) + |h_K| max|W_vK|).
+                              + |hb| max|q_v s_v| (g_w + 2^-8 (1 + g_w))    (bf16 result: u = 2^-8)
+                              + g_(|K|+1) (|hb| max|q_v s_v| (1 + g_w)(1 + 2^-8) + |h_K| max|W_vK|),
+
+    plus the acceptance test's own fp32 rounding ((g_H + 2u) |h| max|W_v|, and 1e-6 nats for the
+    proposal's exp and any underflow).
 
     So exp(logit_v) <= exp(approx_v + E) for every token, and rejection sampling is exact: a
     token v drawn from softmax(approx / T) is accepted with probability exp((h W_v - approx_v
     - E) / T), its exact logit computed from the one fp32 row W_v; a rejected row draws again
     from the same CDF (no pass over the vocabulary). The acceptance rate is at least
-    exp(-2 E / T). A token with E / T above `INT8_MAX_BOUND`, or a row still rejected after
-    `INT8_ROUNDS` draws, is sampled from the fp32 head instead; an accepted draw and such a
+    exp(-2 E / T). A batch in which some row's E / T is above `INT8_MAX_BOUND`, or a row still
+    rejected after `INT8_ROUNDS` draws, is sampled from the fp32 head instead; an accepted draw and such a
     fallback both follow the exact distribution, so their mixture does too (tests/test_sampling.py
     checks frequencies and the bound). Temperature only: top-k and top-p select tokens by their
     exact logits, and the draw's log-probability needs the exact normaliser, so callers that need
@@ -336,9 +339,11 @@ class Int8Proposal:
         self.q = torch.zeros(vocab, width, dtype=torch.int8)
         self.scales = torch.empty(vocab, dtype=torch.bfloat16)
         keep = (~is_exact).float()
-        rest_max = error_max = copy_max = exact_max = 0.0
+        rest_max = error_max = copy_max = exact_max = row_max = 0.0
+        finite = True
         for start in range(0, vocab, INT8_BUILD_ROWS):
             block = weight[start : start + INT8_BUILD_ROWS]
+            finite = finite and bool(torch.isfinite(block).all())  # max() would drop a NaN
             w = block * keep
             scale = (w.abs().amax(1) / 127).to(torch.bfloat16)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero row: q = 0
@@ -350,13 +355,17 @@ class Int8Proposal:
             error_max = max(error_max, (w - copy).norm(dim=1).max().item())
             copy_max = max(copy_max, copy.norm(dim=1).max().item())
             exact_max = max(exact_max, (block - w).norm(dim=1).max().item())
+            row_max = max(row_max, block.norm(dim=1).max().item())
         g_rest, g_exact = (n * _U / (1 - n * _U) for n in (width, len(self.exact_columns) + 1))
         self.rest_max, self.exact_max = rest_max, exact_max
         # Per unit of |hb|: the int8 part's error, and (for the fp32 sum with the exact columns) its size.
         self.per_hb = error_max + copy_max * (g_rest + 2.0**-8 * (1 + g_rest))
         self.size_per_hb = copy_max * (1 + g_rest) * (1 + 2.0**-8)
         self.g_exact = g_exact if len(self.exact_columns) else 0.0
-        self.usable = all(map(math.isfinite, (rest_max, error_max, copy_max, exact_max)))
+        # The acceptance test's own fp32 arithmetic: the exact logit's dot product (any order of
+        # H terms), and both logits' division by the temperature.
+        self.dot_rounding = (hidden * _U / (1 - hidden * _U) + 2 * _U) * row_max
+        self.usable = finite and all(map(math.isfinite, (rest_max, error_max, copy_max, exact_max, row_max)))
         # Sums of squares over R and over K in one product: [.., H] @ [H, 2].
         self._columns = np.stack([(~is_exact).numpy(), is_exact.numpy()], axis=1).astype(np.float64)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -378,7 +387,7 @@ class Int8Proposal:
         (d_rest, d_exact), (f_rest, f_exact) = np.sqrt(np.square([h - hf, hf]) @ self._columns).transpose(
             0, 2, 1
         )
-        e = d_rest * self.rest_max + f_rest * self.per_hb
+        e = d_rest * self.rest_max + f_rest * self.per_hb + np.sqrt(np.square(h).sum(1)) * self.dot_rounding
         if self.g_exact:  # |h_K| <= |hb_K| + |h_K - hb_K|
             e = e + self.g_exact * (f_rest * self.size_per_hb + (f_exact + d_exact) * self.exact_max)
         return hb, e * (1 + 1e-3)  # a margin for the rounding of the norms themselves
@@ -405,7 +414,9 @@ class Int8Proposal:
         [B, V] buffers kept with the copy (allocated per token they would fragment the heap,
         see `decode_head`)."""
         hb, e = self.bound(hidden)
-        e = e / temperature
+        # + the rounding of fp32 exp in the proposal's probabilities (a few ulps, in log space) and
+        # any underflow to zero in the kernel's fp32 / bf16 arithmetic (below 2^-126 each)
+        e = e / temperature + 1e-6
         rows = hidden.shape[0]
         PROPOSAL_STATS["rows"] += rows
         self.rows += rows
@@ -448,8 +459,9 @@ def int8_proposal(
     PyTorch with the int8 kernel, and, timed once per shape on this CPU, an int8 product at least
     `INT8_MIN_SPEEDUP` times faster than the fp32 one in its fastest layout, `exact_head` (on x86
     the kernel is vectorized for bf16 inputs only). The copy is kept for the next rollout while
-    the weight is unchanged, and given up for good if more than half of a rollout's rows fell
-    back to the fp32 head (hidden states whose error bound is too large to sample from it)."""
+    the weight is unchanged, and given up (until the weight changes) once more than half of the
+    rows it sampled since it was made fell back to the fp32 head (hidden states whose error
+    bound is too large to sample from it)."""
     weight = output_head(model).linear_weight
     if (
         not INT8_PROPOSAL
@@ -479,7 +491,9 @@ def int8_proposal(
     if proposal is None:
         return None
     if key not in _INT8_CHOICE:
-        h = torch.randn(rows, weight.shape[1])
+        h = torch.randn(
+            rows, weight.shape[1], generator=torch.Generator().manual_seed(0)
+        )  # not the run's RNG
         times = _timed(
             {"int8": lambda: proposal.approx_logits(h, proposal.bound(h)[0]), "fp32": lambda: exact_head(h)},
             INT8_TIMING_REPEATS,
@@ -599,6 +613,9 @@ def sample_completions(
     rows = prompt_ids.shape[0] * num_samples
     decoder, head = causal_lm(model).get_decoder(), decode_head(model, rows)
     one_thread = _OneThread(_tiny_decode_step(decoder, rows, device))
+    proposal = None  # chosen before the prefill: its timing writes into the head's logits buffer
+    if not (greedy or logprobs or top_k or top_p < 1.0):
+        proposal = int8_proposal(model, rows, head)
     cache = DynamicCache()
     out = decoder(
         input_ids=prompt_ids,
@@ -608,9 +625,6 @@ def sample_completions(
         use_cache=True,
     )
     logits = head(out.last_hidden_state[:, -1])
-    proposal = None
-    if not (greedy or logprobs or top_k or top_p < 1.0):
-        proposal = int8_proposal(model, rows, head)
     pending = None  # a decode step's hidden state, for the proposal
     cache = out.past_key_values
     mask = prompt_mask

@@ -444,3 +444,21 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
 
     gc.collect()
     assert not sampling._INT8_HEADS  # freed with the model's head
+
+
+def test_int8_speed_check_leaves_the_first_token_and_the_rng_alone(monkeypatch):
+    """The first rollout of a process times the int8 product against the fp32 head, whose logits
+    buffer the prefill's logits live in: the same seed gives the same tokens with and without
+    that timing (it once drew the first token from the timing's random logits)."""
+    import sdft_lite.sampling as sampling
+
+    model = _big_head_model(monkeypatch)
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10, 11, 12]], 0)
+    kwargs = dict(max_new_tokens=5, eos_ids=[-1], pad_id=0, logprobs=False)
+    sample_completions(model, ids, mask, max_new_tokens=2, eos_ids=[-1], pad_id=0)  # head layout timed
+    runs = []
+    for _ in range(2):  # the first with the int8 speed check, the second with its cached answer
+        torch.manual_seed(3)
+        runs.append(sample_completions(model, ids, mask, **kwargs)[0])
+    assert list(sampling._INT8_CHOICE.values()) == [True]
+    assert torch.equal(runs[0], runs[1])
