@@ -277,6 +277,13 @@ INT8_TIMING_REPEATS = 8
 # The int8 copy (V x H bytes) is never larger than this.
 INT8_COPY_MAX_BYTES = 256 * 2**20
 _U = 2.0**-24  # fp32 unit roundoff
+
+
+def _gamma(n: int) -> float:
+    """The relative error bound of an fp32 sum of n products, in any order: n u / (1 - n u)."""
+    return n * _U / (1 - n * _U)
+
+
 _INT8_CHOICE: dict[tuple, bool] = {}  # (shape, rows, threads) -> whether the int8 product is faster
 PROPOSAL_STATS: collections.Counter = collections.Counter()  # rows sampled, draws, fallback rows
 _INT8_HEADS: list = []  # the last head quantized: (weakref to its weight, its version, the Int8Proposal)
@@ -356,7 +363,7 @@ class Int8Proposal:
             copy_max = max(copy_max, copy.norm(dim=1).max().item())
             exact_max = max(exact_max, (block - w).norm(dim=1).max().item())
             row_max = max(row_max, block.norm(dim=1).max().item())
-        g_rest, g_exact = (n * _U / (1 - n * _U) for n in (width, len(self.exact_columns) + 1))
+        g_rest, g_exact = _gamma(width), _gamma(len(self.exact_columns) + 1)
         self.rest_max, self.exact_max = rest_max, exact_max
         # Per unit of |hb|: the int8 part's error, and (for the fp32 sum with the exact columns) its size.
         self.per_hb = error_max + copy_max * (g_rest + 2.0**-8 * (1 + g_rest))
@@ -364,7 +371,7 @@ class Int8Proposal:
         self.g_exact = g_exact if len(self.exact_columns) else 0.0
         # The acceptance test's own fp32 arithmetic: the exact logit's dot product (any order of
         # H terms), and both logits' division by the temperature.
-        self.dot_rounding = (hidden * _U / (1 - hidden * _U) + 2 * _U) * row_max
+        self.dot_rounding = (_gamma(hidden) + 2 * _U) * row_max
         self.usable = finite and all(map(math.isfinite, (rest_max, error_max, copy_max, exact_max, row_max)))
         # Sums of squares over R and over K in one product: [.., H] @ [H, 2].
         self._columns = np.stack([(~is_exact).numpy(), is_exact.numpy()], axis=1).astype(np.float64)

@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import build_model
 from scipy import stats
 
 from sdft_lite.config import GenerationConfig
@@ -365,36 +366,24 @@ def test_int8_proposal_samples_the_exact_distribution(rounds, temperature, monke
         assert stats.chisquare(observed, expect).pvalue > 1e-3
 
 
-def _big_head_model(monkeypatch):
-    """A 1-layer Llama with a 10 MiB head (above HEAD_TIMING_MIN_BYTES), and the int8 proposal's
-    speed check passed whatever this CPU's timing says."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _big_head_model(monkeypatch, folder):
+    """A 1-layer Llama with a 10 MiB head (above HEAD_TIMING_MIN_BYTES; conftest's builder,
+    saved in `folder`), and the int8 proposal's speed check passed whatever this CPU's timing says."""
     import sdft_lite.sampling as sampling
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=20_480,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = build_model(folder, vocab_size=20_480, hidden=128, layers=1).eval()
     assert model.lm_head.weight.nbytes >= sampling.HEAD_TIMING_MIN_BYTES
     monkeypatch.setattr(sampling, "INT8_MIN_SPEEDUP", 0.0)
     monkeypatch.setattr(sampling, "_INT8_CHOICE", {})
     return model
 
 
-def test_int8_proposal_is_given_up_when_its_bound_is_too_large(monkeypatch):
+def test_int8_proposal_is_given_up_when_its_bound_is_too_large(monkeypatch, tmp_path):
     """Hidden states so large that every token falls back to the fp32 head: the copy is used for
     one rollout (same tokens as the fp32 head would give: all from it), then dropped."""
     import sdft_lite.sampling as sampling
 
-    model = _big_head_model(monkeypatch)
+    model = _big_head_model(monkeypatch, tmp_path)
     with torch.no_grad():
         model.model.norm.weight.fill_(1e4)  # |h| ~ 1e5: the bound is far above INT8_MAX_BOUND
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
@@ -408,13 +397,13 @@ def test_int8_proposal_is_given_up_when_its_bound_is_too_large(monkeypatch):
     assert sampling.PROPOSAL_STATS["rows"] == 6  # the second rollout used the fp32 head only
 
 
-def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top_p(monkeypatch):
+def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top_p(monkeypatch, tmp_path):
     """sample_completions uses the int8 proposal for plain temperature sampling without log-probs,
     on a head above HEAD_TIMING_MIN_BYTES (here forced past the speed check); with log-probs,
     top-k, top-p or greedy it keeps the fp32 head."""
     import sdft_lite.sampling as sampling
 
-    model = _big_head_model(monkeypatch)
+    model = _big_head_model(monkeypatch, tmp_path)
     cfg = model.config
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
     kwargs = dict(max_new_tokens=6, eos_ids=[-1], pad_id=0, num_samples=2)
@@ -446,13 +435,13 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
     assert not sampling._INT8_HEADS  # freed with the model's head
 
 
-def test_int8_speed_check_leaves_the_first_token_and_the_rng_alone(monkeypatch):
+def test_int8_speed_check_leaves_the_first_token_and_the_rng_alone(monkeypatch, tmp_path):
     """The first rollout of a process times the int8 product against the fp32 head, whose logits
     buffer the prefill's logits live in: the same seed gives the same tokens with and without
     that timing (it once drew the first token from the timing's random logits)."""
     import sdft_lite.sampling as sampling
 
-    model = _big_head_model(monkeypatch)
+    model = _big_head_model(monkeypatch, tmp_path)
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10, 11, 12]], 0)
     kwargs = dict(max_new_tokens=5, eos_ids=[-1], pad_id=0, logprobs=False)
     sample_completions(model, ids, mask, max_new_tokens=2, eos_ids=[-1], pad_id=0)  # head layout timed
