@@ -328,23 +328,111 @@ def test_int8_proposal_error_bound_holds(hidden, outlier):
         assert e[5] < e[2] * 100
 
 
+def _kernel_library():
+    from sdft_lite import kernels
+
+    lib = kernels.int8_probs_library()
+    if lib is None:  # CI has gcc: there the kernel is tested, never skipped
+        pytest.skip("no C compiler here: the int8 proposal runs through PyTorch's kernel")
+    return lib
+
+
+@pytest.mark.parametrize("vocab", [5000, 5003])  # 5003: the kernel's scalar tail after 8-wide steps
+@pytest.mark.parametrize("hidden", [64, 72])  # 72: the int8 rows are padded to 96 columns
+@pytest.mark.parametrize("outlier", [False, True])
+def test_int8_kernel_probabilities_are_within_their_bound(vocab, hidden, outlier, monkeypatch):
+    """The C kernel's fp32 probabilities p_v satisfy |ln p_v - h W_v / T| <= E / T (+ the 1e-6
+    nats for its exp) for every row and token, h W_v in float64, over hidden states from tiny to
+    huge (one with a massive coordinate), 6 rows (padded to 8 for the kernel); the block masses
+    are the blocks' sums; and E is not vacuous."""
+    import sdft_lite.sampling as sampling
+
+    _kernel_library()
+    monkeypatch.setattr(sampling, "SAMPLE_BLOCK", 512)  # 2 chunks of 256 per block
+    w = _head(vocab, hidden, seed=hidden, outlier=outlier)
+    proposal = sampling.Int8Proposal(w)
+    assert proposal.kernel is not None and proposal.usable
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, hidden, generator=g) * torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3, 1.0])[:, None]
+    h[5, 0] = 300.0  # a massive activation
+    for temperature in (1.0, 0.7):
+        act, scale, hk, e = proposal.kernel_inputs(h, temperature)
+        probs, mass = proposal.kernel_probs(act, scale, hk, 6, temperature)
+        exact = (h.double() @ w.double().t()) / temperature
+        finite = (
+            probs > 0
+        ) & probs.isfinite()  # rows whose logits reach exp's range (row 4's tokens underflow or overflow)
+        error = (probs.double().log() - exact).abs().where(finite, torch.zeros(()))
+        bound = torch.from_numpy(e + 1e-6)[:, None]
+        assert (error <= bound).all(), (error / bound).max()
+        assert (error.amax(1)[:4] / bound[:4, 0] > 0.02).all()  # within ~50x of the worst error seen
+        sums = torch.nn.functional.pad(probs.double(), (0, -vocab % 512)).view(6, -1, 512).sum(-1)
+        torch.testing.assert_close(mass.double()[:4], sums[:4], rtol=1e-5, atol=0)
+    if outlier:  # the constant coordinate is exact: the bound does not grow with it
+        assert e[5] < e[2] * 100
+
+
+def test_int8_kernel_exp_is_within_its_declared_error():
+    """The kernel's exp against float64 exp, every fp32 input of the ranges each build checks:
+    the proposal's bound counts on EXP_MAX_REL_ERROR (`pytest -m slow` checks the whole range)."""
+    from sdft_lite import kernels
+
+    lib = _kernel_library()
+    worst = [lib.sdft_exp_max_error(lo, hi) for lo, hi in kernels.EXP_CHECK_RANGES]
+    assert 0 < max(worst) <= kernels.EXP_MAX_REL_ERROR, worst
+
+
+@pytest.mark.slow
+def test_int8_kernel_exp_is_within_its_declared_error_everywhere():
+    """Every fp32 input from -87.3 to 88.7 (2 x 10^9 of them, ~25 s)."""
+    from sdft_lite import kernels
+
+    worst = _kernel_library().sdft_exp_max_error(-87.3, 88.7)
+    assert 0 < worst <= kernels.EXP_MAX_REL_ERROR, worst
+
+
+def test_kernel_builds_into_its_cache_and_is_off_without_a_compiler(monkeypatch, tmp_path):
+    """A fresh cache gets one library (no temporary left); CC naming no compiler, or
+    SDFT_LITE_KERNELS=0, gives None (the PyTorch path) instead of an error."""
+    from sdft_lite import kernels
+
+    _kernel_library()
+    for env, built in [({"SDFT_LITE_CACHE": str(tmp_path)}, True), ({"CC": "no-such-cc"}, False)]:
+        monkeypatch.setattr(kernels, "_LIBRARY", [])
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            lib = kernels.int8_probs_library()
+        assert (lib is not None) == built
+    assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]
+    monkeypatch.setattr(kernels, "_LIBRARY", [])
+    monkeypatch.setenv("SDFT_LITE_KERNELS", "0")
+    assert kernels.int8_probs_library() is None
+
+
+@pytest.mark.parametrize("kernel", [True, False])  # the C kernel, and PyTorch's int8 product
 @pytest.mark.parametrize("rounds", [8, 1])  # 1: many rows fall back to the fp32 head
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_int8_proposal_samples_the_exact_distribution(rounds, temperature, monkeypatch):
+def test_int8_proposal_samples_the_exact_distribution(kernel, rounds, temperature, monkeypatch):
     """Rejection from the int8 approximation draws tokens with the exact softmax(h W^T / T)
     frequencies (chi-square per hidden state), rejections and fallbacks included."""
     import sdft_lite.sampling as sampling
 
+    if kernel:
+        _kernel_library()
+    monkeypatch.setattr(sampling, "INT8_C_KERNEL", kernel)
     monkeypatch.setattr(sampling, "INT8_ROUNDS", rounds)
     monkeypatch.setattr(sampling, "SAMPLE_BLOCK", 64)  # 7 blocks, the last one partial (400 = 6 * 64 + 16)
     monkeypatch.setattr(sampling, "PROPOSAL_STATS", type(sampling.PROPOSAL_STATS)())
     vocab, hidden, copies, calls = 400, 64, 2500, 8
     w = _head(vocab, hidden, seed=3, outlier=True)
     proposal = sampling.Int8Proposal(w)
+    assert (proposal.kernel is not None) == kernel
     g = torch.Generator().manual_seed(2)
     h = torch.randn(2, hidden, generator=g) * 15.0  # peaked rows, and a bound of ~0.2-0.4 nats
     h[:, 0] = 11.0
-    assert 0.1 < proposal.bound(h)[1].min() / temperature < sampling.INT8_MAX_BOUND
+    e = proposal.kernel_inputs(h, temperature)[3] if kernel else proposal.bound(h)[1] / temperature
+    assert 0.1 < e.min() < sampling.INT8_MAX_BOUND
     exact = torch.softmax((h.double() @ w.double().t()) / temperature, -1)
     torch.manual_seed(0)
     rows = h.repeat_interleave(copies, 0)
@@ -352,6 +440,7 @@ def test_int8_proposal_samples_the_exact_distribution(rounds, temperature, monke
     drawn = drawn.view(calls, 2, copies).transpose(0, 1).reshape(2, -1)
     stats_ = sampling.PROPOSAL_STATS
     assert stats_["rows"] == 2 * copies * calls
+    assert stats_["kernel_rows"] == (stats_["rows"] if kernel else 0)
     assert stats_["draws"] + stats_["fallback_rows"] > stats_["rows"] * 1.05  # rejections happened
     if rounds == 1:
         assert stats_["fallback_rows"] > 0

@@ -1,0 +1,147 @@
+"""C kernels for the CPU path, compiled on first use by the machine's own C compiler.
+
+One kernel so far, `kernels/int8_probs.c`: the int8 proposal's probabilities (`sampling.Int8Proposal`)
+in one pass over the int8 head copy: int16 x int8 dot products, the fp32 outlier columns, exp and
+the block masses of the two-level sampler, on a thread per core. The fallback, where no compiler
+is found or `SDFT_LITE_KERNELS=0`, is the same proposal through PyTorch's own int8 kernel (slower,
+same distribution).
+
+Built with `$CC` (default `cc`) as `-O3 -march=native`, into `$SDFT_LITE_CACHE/kernels` (default
+`~/.cache/sdft-lite/kernels`), one file per source, compiler and CPU: a cache shared by machines
+with other CPUs never loads code built for another one. A build writes to a temporary name and
+renames, so concurrent processes never load a half-written library. Before a new build is kept,
+its exp is checked against float64 exp on every fp32 input of three binades (`EXP_CHECK_RANGES`);
+the proposal's error bound counts on `EXP_MAX_REL_ERROR`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "int8_probs.c"
+# The kernel's exp: the largest relative error it may have against the true exp (measured over
+# every fp32 input in [-87.3, 88.7] on the AMD EPYC dev machine: 1.19e-7, ~1 ulp).
+EXP_MAX_REL_ERROR = 2.5e-7
+# Checked on every new build (every fp32 in each range, ~25M inputs, ~0.3 s): arguments below 1
+# in size, the largest arguments, and the most negative ones before fp32's normal range ends.
+EXP_CHECK_RANGES = ((-1.0, -0.5), (0.5, 1.0), (64.0, 88.7), (-87.3, -64.0))
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+BUILD_TIMEOUT_S = 120
+
+_LIBRARY: list = []  # [ctypes.CDLL or None] once looked up in this process
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def enabled() -> bool:
+    return os.environ.get("SDFT_LITE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SDFT_LITE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdft-lite"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags where Linux says them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [
+        line
+        for line in info.splitlines()
+        if line.split(":")[0].strip() in ("model name", "flags", "Features")
+    ]
+    return "\n".join(sorted(set(wanted))) or platform.machine()
+
+
+def _compiler() -> tuple[str, str] | None:
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return cc, version.splitlines()[0] if version else ""
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.sdft_int8_probs.restype = ctypes.c_int
+    lib.sdft_int8_probs.argtypes = [_P] * 8 + [_I64] * 5 + [ctypes.c_float, ctypes.c_int]
+    lib.sdft_exp_max_error.restype = ctypes.c_double
+    lib.sdft_exp_max_error.argtypes = [ctypes.c_float, ctypes.c_float]
+    return lib
+
+
+def _build(cc: str, target: Path) -> Path | None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):  # a compiler without -march=native
+        cmd = [cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.info("sdft-lite kernels: %s failed: %s", " ".join(cmd), e)
+            continue
+        if done.returncode == 0:
+            break
+        log.info("sdft-lite kernels: %s failed:\n%s", " ".join(cmd), done.stderr[-2000:])
+    else:
+        os.unlink(tmp)
+        return None
+    try:
+        worst = max(_bind(ctypes.CDLL(tmp)).sdft_exp_max_error(lo, hi) for lo, hi in EXP_CHECK_RANGES)
+    except OSError as e:
+        log.info("sdft-lite kernels: the built library does not load: %s", e)
+        os.unlink(tmp)
+        return None
+    if not worst <= EXP_MAX_REL_ERROR:
+        log.warning(
+            "sdft-lite kernels: exp error %.3g over %.3g with this compiler; not used",
+            worst,
+            EXP_MAX_REL_ERROR,
+        )
+        os.unlink(tmp)
+        return None
+    os.replace(tmp, target)
+    return target
+
+
+def int8_probs_library() -> ctypes.CDLL | None:
+    """The compiled `int8_probs.c`, built once per source, compiler and CPU; None where it cannot
+    be (no compiler, a failed build, `SDFT_LITE_KERNELS=0`), with the reason logged at INFO."""
+    if _LIBRARY:
+        return _LIBRARY[0]
+    lib = None
+    if not enabled():
+        log.info("sdft-lite kernels: off (SDFT_LITE_KERNELS=0)")
+    elif (found := _compiler()) is None:
+        log.info("sdft-lite kernels: no C compiler (set CC); the int8 proposal uses PyTorch's kernel")
+    else:
+        cc, version = found
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode()
+        ).hexdigest()[:16]
+        target = cache_dir() / f"int8_probs-{key}.so"
+        try:
+            path = target if target.exists() else _build(cc, target)
+            lib = _bind(ctypes.CDLL(str(path))) if path is not None else None
+        except OSError as e:  # an unwritable cache, a library that does not load
+            log.info("sdft-lite kernels: %s", e)
+            lib = None
+    _LIBRARY.append(lib)
+    return lib
