@@ -1,6 +1,6 @@
 """C kernels for the CPU path, compiled on first use by the machine's own C compiler.
 
-One kernel so far, `kernels/int8_probs.c`: the int8 proposal's probabilities (`sampling.Int8Proposal`)
+One kernel so far, `csrc/int8_probs.c`: the int8 proposal's probabilities (`sampling.Int8Proposal`)
 in one pass over the int8 head copy: int16 x int8 dot products, the fp32 outlier columns, exp and
 the block masses of the two-level sampler, on a thread per core. The fallback, where no compiler
 is found or `SDFT_LITE_KERNELS=0`, is the same proposal through PyTorch's own int8 kernel (slower,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "int8_probs.c"
+SOURCE = Path(__file__).with_name("csrc") / "int8_probs.c"
 # The kernel's exp: the largest relative error it may have against the true exp (measured over
 # every fp32 input in [-87.3, 88.7] on the AMD EPYC dev machine: 1.19e-7, ~1 ulp).
 EXP_MAX_REL_ERROR = 2.5e-7

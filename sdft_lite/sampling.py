@@ -300,7 +300,7 @@ INT8_MIN_SPEEDUP = 1.1
 INT8_TIMING_REPEATS = 8
 # The int8 copy (V x H bytes) is never larger than this.
 INT8_COPY_MAX_BYTES = 256 * 2**20
-# The proposal's pass through the C kernel (sdft_lite/kernels/int8_probs.c) where it builds.
+# The proposal's pass through the C kernel (sdft_lite/csrc/int8_probs.c) where it builds.
 # Measured on the 2-core AMD EPYC at [4, 128] x [128, 151936]: 1.1-1.6 ms per token against
 # 2.8-3.5 ms for PyTorch's int8 product and the separate passes after it (copy, outlier
 # columns, exp, block sums).
