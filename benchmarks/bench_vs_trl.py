@@ -607,7 +607,7 @@ def print_profile(p: dict) -> None:
             f"int8 proposal (sampling.Int8Proposal), all steps of the run: {stats['rows']} tokens, "
             f"{stats['rows'] / max(stats.get('draws', 0), 1):.1%} of draws accepted, "
             f"{stats.get('fallback_rows', 0)} from the fp32 head, "
-            f"{stats.get('kernel_rows', 0)} through the C kernel (sdft_lite/csrc/int8_probs.c)"
+            f"{stats.get('kernel_rows', 0)} through the C kernel (sdft_lite/csrc/cpu_kernels.c)"
         )
     elif "int8_proposal" in p:
         print("int8 proposal: not used (see sampling.int8_proposal)")

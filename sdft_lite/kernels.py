@@ -1,10 +1,13 @@
 """C kernels for the CPU path, compiled on first use by the machine's own C compiler.
 
-One kernel so far, `csrc/int8_probs.c`: the int8 proposal's probabilities (`sampling.Int8Proposal`)
-in one pass over the int8 head copy: int16 x int8 dot products, the fp32 outlier columns, exp and
-the block masses of the two-level sampler, on a thread per core. The fallback, where no compiler
-is found or `SDFT_LITE_KERNELS=0`, is the same proposal through PyTorch's own int8 kernel (slower,
-same distribution).
+One source, `csrc/cpu_kernels.c`, two kernels, each on a thread per core:
+- `sdft_int8_probs`: the int8 proposal's probabilities (`sampling.Int8Proposal`) in one pass over
+  the int8 head copy: int16 x int8 dot products, the fp32 outlier columns, exp and the block masses
+  of the two-level sampler;
+- `sdft_softmax_tile`: one vocabulary tile of the distillation loss's online softmax
+  (`tiled_loss`): row maxima, exp, sums and the rescale of earlier sums in one pass over the tile.
+Where no compiler is found or `SDFT_LITE_KERNELS=0`, both run as PyTorch ops instead (slower; the
+same distribution, the same loss up to fp32 rounding).
 
 Built with `$CC` (default `cc`) as `-O3 -march=native`, into `$SDFT_LITE_CACHE/kernels` (default
 `~/.cache/sdft-lite/kernels`), one file per source, compiler and CPU: a cache shared by machines
@@ -28,7 +31,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_probs.c"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 # The kernel's exp: the largest relative error it may have against the true exp (measured over
 # every fp32 input in [-87.3, 88.7] on the AMD EPYC dev machine: 1.19e-7, ~1 ulp).
 EXP_MAX_REL_ERROR = 2.5e-7
@@ -81,6 +84,8 @@ def _compiler() -> tuple[str, str] | None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sdft_int8_probs.restype = ctypes.c_int
     lib.sdft_int8_probs.argtypes = [_P] * 8 + [_I64] * 5 + [ctypes.c_float, ctypes.c_int]
+    lib.sdft_softmax_tile.restype = _I64
+    lib.sdft_softmax_tile.argtypes = [_P] * 5 + [_I64] * 2 + [ctypes.c_int]
     lib.sdft_exp_max_error.restype = ctypes.c_double
     lib.sdft_exp_max_error.argtypes = [ctypes.c_float, ctypes.c_float]
     return lib
@@ -121,8 +126,8 @@ def _build(cc: str, target: Path) -> Path | None:
     return target
 
 
-def int8_probs_library() -> ctypes.CDLL | None:
-    """The compiled `int8_probs.c`, built once per source, compiler and CPU; None where it cannot
+def library() -> ctypes.CDLL | None:
+    """The compiled `cpu_kernels.c`, built once per source, compiler and CPU; None where it cannot
     be (no compiler, a failed build, `SDFT_LITE_KERNELS=0`), with the reason logged at INFO."""
     if _LIBRARY:
         return _LIBRARY[0]
@@ -130,13 +135,13 @@ def int8_probs_library() -> ctypes.CDLL | None:
     if not enabled():
         log.info("sdft-lite kernels: off (SDFT_LITE_KERNELS=0)")
     elif (found := _compiler()) is None:
-        log.info("sdft-lite kernels: no C compiler (set CC); the int8 proposal uses PyTorch's kernel")
+        log.info("sdft-lite kernels: no C compiler (set CC); PyTorch ops instead")
     else:
         cc, version = found
         key = hashlib.sha256(
             "\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()]).encode()
         ).hexdigest()[:16]
-        target = cache_dir() / f"int8_probs-{key}.so"
+        target = cache_dir() / f"cpu_kernels-{key}.so"
         try:
             path = target if target.exists() else _build(cc, target)
             lib = _bind(ctypes.CDLL(str(path))) if path is not None else None

@@ -300,7 +300,7 @@ INT8_MIN_SPEEDUP = 1.1
 INT8_TIMING_REPEATS = 8
 # The int8 copy (V x H bytes) is never larger than this.
 INT8_COPY_MAX_BYTES = 256 * 2**20
-# The proposal's pass through the C kernel (sdft_lite/csrc/int8_probs.c) where it builds.
+# The proposal's pass through the C kernel (sdft_lite/csrc/cpu_kernels.c) where it builds.
 # Measured on the 2-core AMD EPYC at [4, 128] x [128, 151936]: 1.1-1.6 ms per token against
 # 2.8-3.5 ms for PyTorch's int8 product and the separate passes after it (copy, outlier
 # columns, exp, block sums).
@@ -346,7 +346,7 @@ class Int8Proposal:
     plus the acceptance test's own fp32 rounding ((g_H + 2u) |h| max|W_v|, and 1e-6 nats for the
     proposal's exp and any underflow).
 
-    That is the PyTorch path. Where the C kernel builds (`kernels.int8_probs_library`), the
+    That is the PyTorch path. Where the C kernel builds (`kernels.library`), the
     same int8 rows are multiplied by int16 activations with exact integer sums, and the kernel
     also adds the exact columns, exponentiates and sums the blocks the sampler needs, in one pass
     (`kernel_inputs` has its bound, `_sample_kernel` the acceptance test on the kernel's own
@@ -415,10 +415,10 @@ class Int8Proposal:
         self._columns = np.stack([(~is_exact).numpy(), is_exact.numpy()], axis=1).astype(np.float64)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rows = self.fallbacks = 0  # tokens sampled, and of them drawn from the fp32 head
-        # The C kernel (`kernels.int8_probs_library`), where it builds: int16 activations, the
+        # The C kernel (`kernels.library`), where it builds: int16 activations, the
         # same int8 rows, fp32 scales (bf16 values), the exact columns, exp and block masses in
         # one pass. Its integer sums are exact while |activation| <= act_max.
-        self.kernel = kernels.int8_probs_library() if INT8_C_KERNEL else None
+        self.kernel = kernels.library() if INT8_C_KERNEL else None
         if self.kernel is not None:
             self.scales32 = self.scales.float()
             self.act_max = min(32767, (2**31 - 1) // (127 * width))
@@ -508,7 +508,7 @@ class Int8Proposal:
         )  # fmt: skip
         if code != 0:
             raise ValueError(
-                f"int8_probs kernel: bad arguments (SAMPLE_BLOCK {SAMPLE_BLOCK}, width {self.q.shape[1]})"
+                f"sdft_int8_probs kernel: bad arguments (SAMPLE_BLOCK {SAMPLE_BLOCK}, width {self.q.shape[1]})"
             )
         return probs, mass
 

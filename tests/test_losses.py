@@ -161,15 +161,29 @@ TILED_PATH_SPECS = {
 }  # fmt: skip
 
 
+def _softmax_tile_kernel():
+    import sdft_lite.tiled_loss as tiled
+
+    lib = tiled._softmax_kernel(torch.zeros(1))
+    if lib is None:  # CI has gcc: there the kernel is tested, never skipped
+        pytest.skip("no C compiler here: the tiled loss's softmax runs as PyTorch ops")
+    return lib
+
+
+@pytest.mark.parametrize("kernel", [True, False])  # the C softmax-tile kernel; PyTorch ops
 @pytest.mark.parametrize("teacher_head", ["shared", "own"])  # the self-teacher; an external teacher's head
 @pytest.mark.parametrize("group_rows", [1024, 16])  # one row group; three, the last one partial
 @pytest.mark.parametrize("name", list(TILED_PATH_SPECS))
-def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, monkeypatch):
+def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, kernel, monkeypatch):
     """Forward KL (full vocabulary or top-k) with frozen fp32 linear heads (the default on CPU)
     streams the head in vocabulary tiles with the gradient in closed form: values and gradients
-    equal the naive autograd ones."""
+    equal the naive autograd ones, with each tile's softmax step in the C kernel or in PyTorch."""
     import sdft_lite.tiled_loss as tiled
 
+    if kernel:
+        _softmax_tile_kernel()
+    monkeypatch.setattr(tiled, "SOFTMAX_C_KERNEL", kernel)
+    assert (tiled._softmax_kernel(torch.zeros(1)) is not None) == kernel
     spec = dataclasses.replace(TILED_PATH_SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
     monkeypatch.setattr(tiled, "GROUP_ROWS", group_rows)
     tile = tiled._tile_columns(min(N, group_rows), V, int(TINY_BUDGET_MB * 2**20))
@@ -202,6 +216,42 @@ def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, monkeypat
     torch.testing.assert_close(fast.teacher_logprobs, naive.teacher_logprobs, atol=1e-5, rtol=1e-5)
     assert grad_naive.abs().max() > 0
     torch.testing.assert_close(grad_fast, grad_naive, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cols", [736, 37])  # 8- and 16-wide steps; a scalar tail
+def test_softmax_tile_kernel_equals_the_pytorch_ops(cols):
+    """`sdft_softmax_tile` against the online-softmax step it replaces, over two tiles: the row
+    maxima, the rescale of earlier sums (0 on the first tile, exactly 1 where the maximum did not
+    grow, which the returned count says), exp and sums; a row with a NaN or an infinite logit, and
+    one of -inf only, get NaN sums as PyTorch's ops give them."""
+    lib = _softmax_tile_kernel()
+    g = torch.Generator().manual_seed(3)
+    rows = 300  # over 65,536 entries at 736 columns: split over the threads
+    m, z = torch.full((rows, 1), float("-inf")), torch.zeros(rows, 1)
+    m_ref, z_ref = m.clone(), z.clone()
+    for tile in range(2):
+        x = torch.randn(rows, cols, generator=g) * 8 - 4 * tile  # the second tile's maxima mostly stay
+        x[0, 5], x[1, 3], x[2] = float("nan"), float("inf"), float("-inf")
+        probs, rescale = torch.empty(rows, cols), torch.empty(rows, 1)
+        grew = lib.sdft_softmax_tile(
+            x.data_ptr(), probs.data_ptr(), m.data_ptr(), z.data_ptr(), rescale.data_ptr(), rows, cols, 2
+        )
+        m_new = torch.maximum(m_ref, x.amax(-1, keepdim=True))
+        rescale_ref, probs_ref = (m_ref - m_new).exp(), (x - m_new).exp()
+        z_ref = z_ref * rescale_ref + probs_ref.sum(-1, keepdim=True)
+        assert grew == int((m_new > m_ref)[3:].sum()) + 3  # + the rows with NaN sums (0, 1, 2)
+        torch.testing.assert_close(m, m_new, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(z, z_ref, rtol=1e-6, atol=0, equal_nan=True)
+        assert z[:3].isnan().all()
+        finite = slice(3, None)
+        torch.testing.assert_close(rescale[finite], rescale_ref[finite], rtol=3e-7, atol=0)
+        torch.testing.assert_close(probs[finite], probs_ref[finite], rtol=3e-7, atol=1e-38)
+        if tile == 0:
+            assert (rescale[finite] == 0).all() and grew == rows
+        else:
+            kept = (m_new == m_ref)[finite]
+            assert 3 < grew < rows // 2 and (rescale[finite][kept] == 1).all()
+        m_ref = m_new
 
 
 def test_running_topk_keeps_the_k_largest_of_each_row_over_tiles():

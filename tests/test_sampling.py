@@ -331,7 +331,7 @@ def test_int8_proposal_error_bound_holds(hidden, outlier):
 def _kernel_library():
     from sdft_lite import kernels
 
-    lib = kernels.int8_probs_library()
+    lib = kernels.library()
     if lib is None:  # CI has gcc: there the kernel is tested, never skipped
         pytest.skip("no C compiler here: the int8 proposal runs through PyTorch's kernel")
     return lib
@@ -402,12 +402,12 @@ def test_kernel_builds_into_its_cache_and_is_off_without_a_compiler(monkeypatch,
         with monkeypatch.context() as m:
             for key, value in env.items():
                 m.setenv(key, value)
-            lib = kernels.int8_probs_library()
+            lib = kernels.library()
         assert (lib is not None) == built
     assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]
     monkeypatch.setattr(kernels, "_LIBRARY", [])
     monkeypatch.setenv("SDFT_LITE_KERNELS", "0")
-    assert kernels.int8_probs_library() is None
+    assert kernels.library() is None
 
 
 @pytest.mark.parametrize("kernel", [True, False])  # the C kernel, and PyTorch's int8 product

@@ -1,12 +1,18 @@
-/* sdft-lite: the int8 proposal's probabilities in one pass over an int8 copy of the output head.
+/* sdft-lite's CPU kernels, built by sdft_lite/kernels.py with the machine's own compiler:
+ *   sdft_int8_probs    the int8 proposal's probabilities (sdft_lite.sampling.Int8Proposal)
+ *   sdft_softmax_tile  one vocabulary tile of the distillation loss's online softmax
+ *                      (sdft_lite.tiled_loss)
+ *   sdft_exp_max_error the largest relative error of their exp (checked on every build)
+ *
+ * sdft_int8_probs: the int8 proposal's probabilities in one pass over an int8 copy of the output head.
  *
  * For rows b and vocabulary ids v in [v0, v1):
  *     logit[b, v] = D[b, v] * (scale[v] * act_scale[b]) + sum_k hk[b, k] * exact[v, k]
  *     probs[b, v] = exp_approx(logit[b, v] * inv_t)
  *     mass[b, v / block] = sum of probs over the block
  * with D[b, v] = sum_i act[b, i] * q[v, i], an exact int32 sum (int16 activations, int8 weights;
- * the caller keeps |act| small enough that no sum overflows). Built by sdft_lite/kernels.py with
- * the machine's own compiler; sdft_lite.sampling.Int8Proposal bounds every step's error.
+ * the caller keeps |act| small enough that no sum overflows); sdft_lite.sampling.Int8Proposal
+ * bounds every step's error.
  */
 #include <math.h>
 #include <pthread.h>
@@ -216,6 +222,119 @@ int sdft_int8_probs(const int8_t *q, const float *scale, const float *exact, con
     for (int t = started + 1; t < threads; t++) run_range(&jobs[t]); /* threads that did not start */
     for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
     return 0;
+}
+
+typedef struct {
+    const float *x;
+    float *probs, *m, *z, *rescale;
+    int64_t r0, r1, cols, grew;
+} tile_job_t;
+
+/* The largest of n values, and whether any is NaN (*nan set). */
+static float row_max(const float *x, int64_t n, int *nan) {
+    int64_t i = 0;
+    float best = -INFINITY;
+    int bad = 0;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_set1_ps(-INFINITY), a1 = a0, u = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_max_ps(a0, x0);
+        a1 = _mm256_max_ps(a1, x1);
+        u = _mm256_or_ps(u, _mm256_cmp_ps(x0, x1, _CMP_UNORD_Q));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_max_ps(a0, a1));
+    for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
+    bad = _mm256_movemask_ps(u) != 0;
+#endif
+    for (; i < n; i++) {
+        if (x[i] != x[i]) bad = 1;
+        best = x[i] > best ? x[i] : best;
+    }
+    *nan = bad;
+    return best;
+}
+
+/* out = exp(in - shift), returning the sum (two accumulators in the vector part). */
+static float exp_shifted(const float *in, float *out, int64_t n, float shift) {
+    int64_t i = 0;
+    float total = 0.0f;
+#ifdef __AVX2__
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, c = _mm256_set1_ps(shift);
+    for (; i + 16 <= n; i += 16) {
+        __m256 y0 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + i), c));
+        __m256 y1 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + i + 8), c));
+        _mm256_storeu_ps(out + i, y0);
+        _mm256_storeu_ps(out + i + 8, y1);
+        s0 = _mm256_add_ps(s0, y0);
+        s1 = _mm256_add_ps(s1, y1);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(s0, s1));
+    for (int j = 0; j < 8; j++) total += lanes[j];
+#endif
+    for (; i < n; i++) {
+        out[i] = exp_scalar(in[i] - shift);
+        total += out[i];
+    }
+    return total;
+}
+
+static void *tile_range(void *arg) {
+    tile_job_t *j = (tile_job_t *)arg;
+    for (int64_t r = j->r0; r < j->r1; r++) {
+        const float *x = j->x + r * j->cols;
+        float *p = j->probs + r * j->cols;
+        int nan;
+        float top = row_max(x, j->cols, &nan), old = j->m[r];
+        float m = top > old ? top : old;
+        if (nan || !isfinite(m)) { /* the sums turn NaN, as in the unfused arithmetic */
+            for (int64_t c = 0; c < j->cols; c++) p[c] = NAN;
+            j->m[r] = nan ? NAN : m;
+            j->z[r] = j->rescale[r] = NAN;
+            j->grew++;
+            continue;
+        }
+        float rescale = exp_scalar(old - m); /* 0 for the first tile (old = -inf), 1 if m did not grow */
+        j->grew += m > old;
+        j->z[r] = j->z[r] * rescale + exp_shifted(x, p, j->cols, m);
+        j->m[r] = m;
+        j->rescale[r] = rescale;
+    }
+    return NULL;
+}
+
+/* One vocabulary tile of an online softmax over rows r < rows of x [rows, cols] (contiguous):
+ *     m_new = max(m[r], max_c x[r, c]),  rescale[r] = exp(m[r] - m_new),
+ *     probs[r, c] = exp(x[r, c] - m_new),  z[r] = z[r] * rescale[r] + sum_c probs[r, c],
+ *     m[r] = m_new.
+ * A row with a NaN, or whose maximum is not finite, gets NaN in probs, z and rescale (and m, for a NaN). Rows are
+ * split over `threads` threads (one for small tiles). Returns the number of rows whose maximum
+ * grew (0: every rescale is exactly 1), or -1 on bad input. */
+int64_t sdft_softmax_tile(const float *x, float *probs, float *m, float *z, float *rescale, int64_t rows,
+                          int64_t cols, int threads) {
+    if (rows < 0 || cols < 1 || threads < 1) return -1;
+    if (threads > 64) threads = 64;
+    if (rows * cols < 65536) threads = 1;
+    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    tile_job_t jobs[64];
+    pthread_t tids[64];
+    for (int t = 0; t < threads; t++) {
+        tile_job_t j = {x, probs, m, z, rescale, rows * t / threads, rows * (t + 1) / threads, cols, 0};
+        jobs[t] = j;
+    }
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[t], NULL, tile_range, &jobs[t]) != 0) break;
+        started = t;
+    }
+    tile_range(&jobs[0]);
+    for (int t = started + 1; t < threads; t++) tile_range(&jobs[t]);
+    int64_t grew = 0;
+    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+    for (int t = 0; t < threads; t++) grew += jobs[t].grew;
+    return grew;
 }
 
 /* The largest relative error of the kernel's exp against double-precision exp over every fp32 x
