@@ -157,6 +157,8 @@ def _stream_tiles(s_h: Tensor, t_h: Tensor, w_s: Tensor, w_t: Tensor, spec: Loss
                 cols,
                 threads,
             )
+            if grew < 0:
+                raise RuntimeError(f"sdft_softmax_tile kernel: bad arguments ({2 * n} rows, {cols} columns)")
         else:
             m_new = torch.maximum(m, logits.amax(-1, keepdim=True))
             torch.sub(m, m_new, out=rescale).exp_()
