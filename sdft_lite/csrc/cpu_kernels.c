@@ -23,6 +23,22 @@
 #endif
 
 #define CHUNK 256 /* vocabulary ids per pass of exp (their logits stay in L1) */
+#define MAX_THREADS 64
+
+/* fn on each of `threads` jobs (an array of `size`-byte structs): jobs 1.. on threads of their
+ * own, job 0 on the caller's, and any job whose thread did not start on the caller's too. */
+static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int threads) {
+    char *job = (char *)jobs;
+    pthread_t tids[MAX_THREADS];
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[t], NULL, fn, job + t * size) != 0) break;
+        started = t;
+    }
+    fn(job);
+    for (int t = started + 1; t < threads; t++) fn(job + t * size);
+    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+}
 
 /* exp(x) for fp32 x: Cody-Waite reduction by ln 2 in two parts, a degree-7 polynomial, 2^n from
  * the exponent bits. 0 below -87.3 (fp32's normal range ends there), +inf above 88.7. Its largest
@@ -202,10 +218,9 @@ int sdft_int8_probs(const int8_t *q, const float *scale, const float *exact, con
     if (width % 16 || block < 1 || block % chunk || rows < 1 || threads < 1) return -1;
     int64_t blocks = (vocab + block - 1) / block;
     memset(mass, 0, sizeof(float) * rows * blocks);
-    if (threads > 64) threads = 64;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = (int)blocks;
-    job_t jobs[64];
-    pthread_t tids[64];
+    job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         job_t j = {q, scale, exact, act, act_scale, hk, probs, mass, vocab, width, k, rows, block, chunk, 0, 0, inv_t};
         j.v0 = (blocks * t / threads) * block;
@@ -213,14 +228,7 @@ int sdft_int8_probs(const int8_t *q, const float *scale, const float *exact, con
         if (j.v1 > vocab) j.v1 = vocab;
         jobs[t] = j;
     }
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[t], NULL, run_range, &jobs[t]) != 0) break;
-        started = t;
-    }
-    run_range(&jobs[0]);
-    for (int t = started + 1; t < threads; t++) run_range(&jobs[t]); /* threads that did not start */
-    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+    run_parallel(run_range, jobs, sizeof(job_t), threads);
     return 0;
 }
 
@@ -309,30 +317,22 @@ static void *tile_range(void *arg) {
  *     m_new = max(m[r], max_c x[r, c]),  rescale[r] = exp(m[r] - m_new),
  *     probs[r, c] = exp(x[r, c] - m_new),  z[r] = z[r] * rescale[r] + sum_c probs[r, c],
  *     m[r] = m_new.
- * A row with a NaN, or whose maximum is not finite, gets NaN in probs, z and rescale (and m, for a NaN). Rows are
- * split over `threads` threads (one for small tiles). Returns the number of rows whose maximum
+ * A row with a NaN, or whose maximum is not finite, gets NaN in probs, z and rescale (and m, for
+ * a NaN). Rows are split over `threads` threads (one for small tiles). Returns the number of rows whose maximum
  * grew (0: every rescale is exactly 1), or -1 on bad input. */
 int64_t sdft_softmax_tile(const float *x, float *probs, float *m, float *z, float *rescale, int64_t rows,
                           int64_t cols, int threads) {
     if (rows < 0 || cols < 1 || threads < 1) return -1;
-    if (threads > 64) threads = 64;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (rows * cols < 65536) threads = 1;
     if (threads > rows) threads = rows > 0 ? (int)rows : 1;
-    tile_job_t jobs[64];
-    pthread_t tids[64];
+    tile_job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         tile_job_t j = {x, probs, m, z, rescale, rows * t / threads, rows * (t + 1) / threads, cols, 0};
         jobs[t] = j;
     }
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[t], NULL, tile_range, &jobs[t]) != 0) break;
-        started = t;
-    }
-    tile_range(&jobs[0]);
-    for (int t = started + 1; t < threads; t++) tile_range(&jobs[t]);
+    run_parallel(tile_range, jobs, sizeof(tile_job_t), threads);
     int64_t grew = 0;
-    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
     for (int t = 0; t < threads; t++) grew += jobs[t].grew;
     return grew;
 }
