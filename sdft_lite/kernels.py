@@ -2,16 +2,19 @@
 
 One source, `csrc/cpu_kernels.c`, two kernels, each on a thread per core:
 - `sdft_int8_probs`: the int8 proposal's probabilities (`sampling.Int8Proposal`) in one pass over
-  the int8 head copy: int16 x int8 dot products, the fp32 outlier columns, exp and the block masses
-  of the two-level sampler;
+  the int8 head copy (packed in groups of 16 ids, `sampling.pack_int8_rows`): int16 x int8 dot
+  products with exact int32 sums (AVX-512 VNNI `vpdpwssd` where the CPU has it, else AVX-512BW or
+  AVX2 `vpmaddwd`, else scalar C), the fp32 outlier columns, exp and the block masses of the
+  two-level sampler;
 - `sdft_softmax_tile`: one vocabulary tile of the distillation loss's online softmax
   (`tiled_loss`): row maxima, exp, sums and the rescale of earlier sums in one pass over the tile.
 Where no compiler is found or `SDFT_LITE_KERNELS=0`, both run as PyTorch ops instead (slower; the
 same distribution, the same loss up to fp32 rounding).
 
-Built with `$CC` (default `cc`) as `-O3 -march=native`, into `$SDFT_LITE_CACHE/kernels` (default
-`~/.cache/sdft-lite/kernels`), one file per source, compiler and CPU: a cache shared by machines
-with other CPUs never loads code built for another one. A build writes to a temporary name and
+`simd()` names the vector path a build took. Built with `$CC` (default `cc`) as
+`-O3 -march=native`, into `$SDFT_LITE_CACHE/kernels` (default `~/.cache/sdft-lite/kernels`), one
+file per source, compiler and CPU: a cache shared by machines with other CPUs never loads code
+built for another one. A build writes to a temporary name and
 renames, so concurrent processes never load a half-written library. Before a new build is kept,
 its exp is checked against float64 exp on every fp32 input of three binades (`EXP_CHECK_RANGES`);
 the proposal's error bound counts on `EXP_MAX_REL_ERROR`.
@@ -83,19 +86,24 @@ def _compiler() -> tuple[str, str] | None:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sdft_int8_probs.restype = ctypes.c_int
-    lib.sdft_int8_probs.argtypes = [_P] * 8 + [_I64] * 5 + [ctypes.c_float, ctypes.c_int]
+    lib.sdft_int8_probs.argtypes = [_P] * 8 + [_I64] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.sdft_softmax_tile.restype = _I64
     lib.sdft_softmax_tile.argtypes = [_P] * 5 + [_I64] * 2 + [ctypes.c_int]
     lib.sdft_exp_max_error.restype = ctypes.c_double
     lib.sdft_exp_max_error.argtypes = [ctypes.c_float, ctypes.c_float]
+    lib.sdft_simd.restype = ctypes.c_int
+    lib.sdft_simd.argtypes = []
     return lib
 
 
-def _build(cc: str, target: Path) -> Path | None:
+def _build(cc: str, target: Path, extra_flags: tuple[str, ...] = ()) -> Path | None:
+    """Compiles SOURCE into `target` (`extra_flags` after FLAGS: tests build the other vector
+    paths with e.g. -mno-avx512f); None where it does not build or its exp fails the check."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
-    for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):  # a compiler without -march=native
+    native = [*FLAGS, *extra_flags]
+    for flags in (native, [f for f in native if f != "-march=native"]):  # a compiler without -march=native
         cmd = [cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
@@ -124,6 +132,15 @@ def _build(cc: str, target: Path) -> Path | None:
         return None
     os.replace(tmp, target)
     return target
+
+
+SIMD_PATHS = {3: "AVX-512 VNNI", 2: "AVX-512BW", 11: "AVX2 + AVX-VNNI", 1: "AVX2", 0: "scalar C"}
+
+
+def simd() -> str | None:
+    """The vector path of this machine's build (`SIMD_PATHS`), or None where no library builds."""
+    lib = library()
+    return None if lib is None else SIMD_PATHS.get(lib.sdft_simd(), "unknown")
 
 
 def library() -> ctypes.CDLL | None:

@@ -240,7 +240,7 @@ def head_layout(weight: torch.Tensor, rows: int) -> str:
     return _HEAD_LAYOUTS[key]
 
 
-def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def decode_head(model, rows: int) -> DecodeHead:
     """Last hidden state [B, H] -> fp32 logits [B, V] for one decode step.
 
     The output head reads its whole [V, H] weight for every generated token. On CPU, with a plain
@@ -252,32 +252,56 @@ def decode_head(model, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     `train.mmap_threshold_bytes`): measured at [4, 151936] on the 2-core AMD EPYC, the first
     rollout left the resident set 40-90 MiB larger, varying from run to run, and 23-25 MiB with
     the buffers (the head-layout timing and the prefill).
-    A transposed copy lives for the rollout only, and is never made for heads larger than
-    `DECODE_HEAD_COPY_MAX_BYTES`; where it is made it costs its size in memory during the rollout
-    (74 MiB at [151936, 128]). Other heads (quantized, scaled, softcapped, GPU) are used as they are.
+    A transposed copy lives for the rollout only, is made at the head's first call (a rollout
+    that samples every token through `Int8Proposal` never makes it), and is never made for heads
+    larger than `DECODE_HEAD_COPY_MAX_BYTES`; where it is made it costs its size in memory during
+    the rollout (74 MiB and ~45 ms at [151936, 128]). `probe(h)` runs the same product for timing
+    without the copy (on a same-shaped view of the weight's own memory: other values, the same
+    speed). Other heads (quantized, scaled, softcapped, GPU) are used as they are.
     """
     head = output_head(model)
     weight = head.linear_weight
     if weight is None or weight.device.type != "cpu":
-        return lambda hidden: head(hidden).float()
-    weight = weight.detach()
-    vocab = weight.shape[0]
-    layout = head_layout(weight, rows)
-    if layout == "transposed":
-        weight_t = weight.t().contiguous()
-        product, vocab_major = (lambda h, out=None: torch.mm(h, weight_t, out=out)), False
-    elif layout == "vocab_major":
-        product, vocab_major = (lambda h, out=None: torch.mm(weight, h.t(), out=out)), True
-    else:  # what F.linear runs for a 2-D input without bias
-        product, vocab_major = (lambda h, out=None: torch.mm(h, weight.t(), out=out)), False
-    buffer = weight.new_empty((vocab, rows) if vocab_major else (rows, vocab))
+        return DecodeHead(head)
+    return DecodeHead(weight.detach(), head_layout(weight.detach(), rows), rows)
 
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        h = hidden.to(weight.dtype)
-        out = product(h, out=buffer) if h.shape[0] == rows else product(h)
-        return out.t() if vocab_major else out
 
-    return logits
+class DecodeHead:
+    """`decode_head`'s callable: hidden [B, H] -> fp32 logits [B, V] (for a plain CPU head in the
+    layout `head_layout` chose, possibly a vocabulary-major view of a buffer reused for batches of
+    `rows`)."""
+
+    def __init__(
+        self, head: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor, layout: str = "", rows: int = 0
+    ):
+        self.head = head if callable(head) else None  # any other head, used as it is
+        self.weight = None if callable(head) else head
+        if self.weight is not None:
+            self.layout, self.rows, self._copy = layout, rows, None
+            vocab = self.weight.shape[0]
+            self.buffer = self.weight.new_empty((vocab, rows) if layout == "vocab_major" else (rows, vocab))
+
+    def _logits(self, hidden: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+        h = hidden.to(self.weight.dtype)
+        out = self.buffer if h.shape[0] == self.rows else None
+        if self.layout == "vocab_major":
+            return torch.mm(self.weight, h.t(), out=out).t()
+        return torch.mm(h, weight_t, out=out)  # transposed: the copy; linear: what F.linear runs
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return self.head(hidden).float()
+        if self.layout == "transposed" and self._copy is None:
+            self._copy = self.weight.t().contiguous()
+        return self._logits(hidden, self._copy if self.layout == "transposed" else self.weight.t())
+
+    def probe(self, hidden: torch.Tensor) -> object:
+        """The same product at the same speed, for timing, without making the transposed copy
+        (it reads the weight's memory in the copy's shape: other values)."""
+        if self.weight is None or self.layout != "transposed" or self._copy is not None:
+            return self(hidden)
+        vocab, size = self.weight.shape
+        return self._logits(hidden, self.weight.view(size, vocab))
 
 
 # Exact sampling from an int8 copy of the output head, by rejection (see `Int8Proposal`).
@@ -318,6 +342,14 @@ PROPOSAL_STATS: collections.Counter = collections.Counter()  # rows sampled, dra
 _INT8_HEADS: list = []  # the last head quantized: (weakref to its weight, its version, the Int8Proposal)
 
 
+def pack_int8_rows(q: torch.Tensor) -> torch.Tensor:
+    """int8 rows [16 n, width] -> the C kernel's layout [n, width / 2, 16, 2]: groups of 16 ids,
+    and within a group, for each pair of columns, each id's two weights side by side (see
+    `sdft_lite/csrc/cpu_kernels.c`)."""
+    groups, width = q.shape[0] // 16, q.shape[1]
+    return q.view(groups, 16, width // 2, 2).permute(0, 2, 1, 3)
+
+
 class Int8Proposal:
     """Tokens drawn exactly from softmax(h W^T / T), with W the fp32 head, while reading an int8 copy.
 
@@ -352,7 +384,10 @@ class Int8Proposal:
     (`kernel_inputs` has its bound, `_sample_kernel` the acceptance test on the kernel's own
     probabilities): 1.1-1.9 ms per token against 2.8-3.5 ms for the PyTorch path's passes, on the
     2-core AMD EPYC at [4, 128] x [128, 151936], and a tighter bound (97.8 % of draws accepted in
-    the bench, 96.2 % before).
+    the bench, 96.2 % before). The kernel reads the int8 rows packed in groups of 16 ids
+    (`pack_int8_rows`), so each multiply-add yields 16 ids' partial sums with no reduction across
+    lanes (AVX-512 VNNI where there is one: 0.55-1.2 ms against 1.0-1.65 ms for the row-major
+    AVX2 kernel on the 2-core Intel Xeon); that copy replaces the row-major one.
 
     So exp(logit_v) <= exp(approx_v + E) for every token, and rejection sampling is exact: a
     token v drawn from softmax(approx / T) is accepted with probability exp((h W_v - approx_v
@@ -376,11 +411,21 @@ class Int8Proposal:
         is_exact = torch.zeros(hidden, dtype=torch.bool)
         is_exact[top[column_max[top] > INT8_OUTLIER_FACTOR * column_max.median()]] = True
         self.exact_columns = is_exact.nonzero().squeeze(1)
-        self.exact_t = weight[:, self.exact_columns].t().contiguous()  # [|K|, V]
+        # The C kernel (`kernels.library`), where it builds, reads the int8 rows packed
+        # (`pack_int8_rows`) and the vocabulary padded to a multiple of 32; PyTorch's int8
+        # product reads them as rows. One of the two copies is kept.
+        self.kernel = kernels.library() if INT8_C_KERNEL else None
+        self.stride = -(-vocab // 32) * 32 if self.kernel is not None else vocab
+        exact_t = weight.new_zeros(len(self.exact_columns), self.stride)
+        exact_t[:, :vocab] = weight[:, self.exact_columns].t()
+        self.exact_padded, self.exact_t = exact_t, exact_t[:, :vocab]  # [|K|, stride], [|K|, V]
         # The int8 rows span every column, zero in the exact ones, padded with zero columns to a
         # multiple of 32 (the kernel's vector loads need it): the bf16 input is then h itself.
-        width = -(-hidden // 32) * 32
-        self.q = torch.zeros(vocab, width, dtype=torch.int8)
+        self.width = width = -(-hidden // 32) * 32
+        if self.kernel is None:
+            self.q = torch.zeros(vocab, width, dtype=torch.int8)
+        else:
+            self.q_packed = torch.zeros(self.stride // 16, width // 2, 16, 2, dtype=torch.int8)
         self.scales = torch.empty(vocab, dtype=torch.bfloat16)
         keep = (~is_exact).float()
         rest_max = error_max = copy_max = exact_max = row_max = 0.0
@@ -393,7 +438,12 @@ class Int8Proposal:
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero row: q = 0
             q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127)
             copy = q * scale.float()[:, None]  # what the kernel multiplies by: int8 * scale in fp32
-            self.q[start : start + len(w), :hidden] = q.to(torch.int8)
+            if self.kernel is None:
+                self.q[start : start + len(w), :hidden] = q.to(torch.int8)
+            else:  # INT8_BUILD_ROWS is a multiple of 16: whole groups
+                rows_q = torch.zeros(-(-len(w) // 16) * 16, width, dtype=torch.int8)
+                rows_q[: len(w), :hidden] = q.to(torch.int8)
+                self.q_packed[start // 16 : start // 16 + len(rows_q) // 16] = pack_int8_rows(rows_q)
             self.scales[start : start + len(w)] = scale
             rest_max = max(rest_max, w.norm(dim=1).max().item())
             error_max = max(error_max, (w - copy).norm(dim=1).max().item())
@@ -415,12 +465,12 @@ class Int8Proposal:
         self._columns = np.stack([(~is_exact).numpy(), is_exact.numpy()], axis=1).astype(np.float64)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rows = self.fallbacks = 0  # tokens sampled, and of them drawn from the fp32 head
-        # The C kernel (`kernels.library`), where it builds: int16 activations, the
-        # same int8 rows, fp32 scales (bf16 values), the exact columns, exp and block masses in
-        # one pass. Its integer sums are exact while |activation| <= act_max.
-        self.kernel = kernels.library() if INT8_C_KERNEL else None
+        # The C kernel: int16 activations, the same int8 rows, fp32 scales (bf16 values), the
+        # exact columns, exp and block masses in one pass. Its integer sums are exact while
+        # |activation| <= act_max.
         if self.kernel is not None:
-            self.scales32 = self.scales.float()
+            self.scales32 = torch.zeros(self.stride)
+            self.scales32[:vocab] = self.scales.float()
             self.act_max = min(32767, (2**31 - 1) // (127 * width))
             self._keep = (~is_exact).numpy()
             self._exact_np = self.exact_columns.numpy()
@@ -432,10 +482,10 @@ class Int8Proposal:
         The arithmetic on these [B, H] vectors runs in NumPy (float64): a few microseconds where
         a dozen small torch ops cost ~0.5 ms per token on the 2-core CPU."""
         rows, hidden_size = hidden.shape
-        if self.q.shape[1] == hidden_size:
+        if self.width == hidden_size:
             hb = hidden.to(torch.bfloat16)
         else:
-            hb = torch.zeros(rows, self.q.shape[1], dtype=torch.bfloat16)
+            hb = torch.zeros(rows, self.width, dtype=torch.bfloat16)
             hb[:, :hidden_size] = hidden
         h = hidden.numpy().astype(np.float64)
         hf = hb[:, :hidden_size].float().numpy().astype(np.float64)
@@ -482,7 +532,7 @@ class Int8Proposal:
         e0 = e0 * (1 + 1e-3)  # a margin for the rounding of the norms themselves
         size = np.sqrt(np.square(h).sum(1)) * self.row_max
         e = (e0 + 2.5 * _U * (size + e0) + (hidden_size + 2) * 2.0**-53 * size) / temperature
-        act = np.zeros((padded, self.q.shape[1]), dtype=np.int16)
+        act = np.zeros((padded, self.width), dtype=np.int16)
         act[:rows, :hidden_size] = a
         scale = np.ones(padded, dtype=np.float32)
         scale[:rows] = r
@@ -501,14 +551,15 @@ class Int8Proposal:
         probs = self._buffers[0]
         mass = torch.empty(rows, -(-vocab // SAMPLE_BLOCK))
         code = self.kernel.sdft_int8_probs(
-            self.q.data_ptr(), self.scales32.data_ptr(), self.exact_t.data_ptr(),
+            self.q_packed.data_ptr(), self.scales32.data_ptr(), self.exact_padded.data_ptr(),
             act.ctypes.data, scale.ctypes.data, hk.ctypes.data, probs.data_ptr(), mass.data_ptr(),
-            vocab, self.q.shape[1], len(self._exact_np), rows, SAMPLE_BLOCK,
+            vocab, self.stride, self.width, len(self._exact_np), rows, SAMPLE_BLOCK,
             float(np.float32(1.0 / temperature)), torch.get_num_threads(),
         )  # fmt: skip
         if code != 0:
             raise ValueError(
-                f"sdft_int8_probs kernel: bad arguments (SAMPLE_BLOCK {SAMPLE_BLOCK}, width {self.q.shape[1]})"
+                f"sdft_int8_probs kernel: bad arguments (SAMPLE_BLOCK {SAMPLE_BLOCK}, a multiple of 32, "
+                f"width {self.width}, stride {self.stride})"
             )
         return probs, mass
 
@@ -665,7 +716,10 @@ def int8_proposal(
             rows, weight.shape[1], generator=torch.Generator().manual_seed(0)
         )  # not the run's RNG
         times = _timed(
-            {"int8": lambda: proposal.propose(h), "fp32": lambda: exact_head(h)},
+            {
+                "int8": lambda: proposal.propose(h),
+                "fp32": lambda: getattr(exact_head, "probe", exact_head)(h),
+            },
             INT8_TIMING_REPEATS,
         )
         _INT8_CHOICE[key] = times["int8"] * INT8_MIN_SPEEDUP <= times["fp32"]
@@ -794,13 +848,18 @@ def sample_completions(
         past_key_values=cache,
         use_cache=True,
     )
-    logits = head(out.last_hidden_state[:, -1])
-    pending = None  # a decode step's hidden state, for the proposal
+    # The first token too comes from the proposal where there is one: the fp32 head (and its
+    # transposed copy, see `decode_head`) is then needed only for rows that fall back.
+    last = out.last_hidden_state[:, -1]
+    logits, pending = (None, last.float().contiguous()) if proposal is not None else (head(last), None)
     cache = out.past_key_values
     mask = prompt_mask
     if num_samples > 1:  # one prefill per prompt, its KV cache copied for each sample
         cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, 0)
+        if proposal is not None:
+            pending = pending.repeat_interleave(num_samples, 0)
+        else:
+            logits = logits.repeat_interleave(num_samples, 0)
         mask = mask.repeat_interleave(num_samples, 0)
     next_pos = mask.sum(-1, keepdim=True)  # positions count real tokens only (left padding)
     lean = None

@@ -4,6 +4,7 @@ transformers' generate), and its greedy path and log-probs match an unpadded for
 from __future__ import annotations
 
 import contextlib
+import ctypes
 
 import pytest
 import torch
@@ -203,6 +204,24 @@ def test_merged_lora_rollout_equals_the_adapter_forward(tiny_model_dir, monkeypa
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_decode_head_copies_the_transposed_weight_at_its_first_call_only(model_and_tok):
+    """The transposed layout's copy is made when the head is first called, never by `probe`
+    (the speed check), and then kept: a rollout whose tokens all come from the int8 proposal
+    never pays for it."""
+    import sdft_lite.sampling as sampling
+
+    model, _ = model_and_tok
+    weight = model.lm_head.weight.detach()
+    head = sampling.DecodeHead(weight, "transposed", 3)
+    hidden = torch.randn(3, weight.shape[1])
+    assert head.probe(hidden).shape == (3, weight.shape[0]) and head._copy is None
+    torch.testing.assert_close(head(hidden), hidden @ weight.t(), atol=1e-5, rtol=1e-5)
+    copy = head._copy
+    assert copy is not None and copy.shape == (weight.shape[1], weight.shape[0])
+    head(hidden)
+    assert head._copy is copy
+
+
 def test_decode_head_gives_the_model_logits_in_every_layout(model_and_tok, monkeypatch):
     """The decode loop's head gives the model's own logits in each matmul layout it may pick
     (transposed copy, vocabulary-major, F.linear), and without the copy above its size cap."""
@@ -307,13 +326,15 @@ def _head(vocab: int, hidden: int, seed: int, outlier: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("hidden", [64, 72])  # 72: the int8 rows are padded to 96 columns
 @pytest.mark.parametrize("outlier", [False, True])
-def test_int8_proposal_error_bound_holds(hidden, outlier):
+def test_int8_proposal_error_bound_holds(hidden, outlier, monkeypatch):
     """|h W_v - approx_v| <= E for every row and token, with h W_v in float64, over hidden
-    states from tiny to huge, one with a massive coordinate; and E is not vacuous."""
-    from sdft_lite.sampling import Int8Proposal
+    states from tiny to huge, one with a massive coordinate; and E is not vacuous (PyTorch's
+    int8 product: the path without the C kernel)."""
+    import sdft_lite.sampling as sampling
 
+    monkeypatch.setattr(sampling, "INT8_C_KERNEL", False)
     w = _head(5000, hidden, seed=hidden, outlier=outlier)
-    proposal = Int8Proposal(w)
+    proposal = sampling.Int8Proposal(w)
     assert proposal.usable
     assert proposal.exact_columns.tolist() == ([0, 7] if outlier else [7])  # 7: row 5's large entry
     g = torch.Generator().manual_seed(1)
@@ -337,7 +358,7 @@ def _kernel_library():
     return lib
 
 
-@pytest.mark.parametrize("vocab", [5000, 5003])  # 5003: the kernel's scalar tail after 8-wide steps
+@pytest.mark.parametrize("vocab", [5000, 5003])  # the last group of 32 ids partial (5003: odd)
 @pytest.mark.parametrize("hidden", [64, 72])  # 72: the int8 rows are padded to 96 columns
 @pytest.mark.parametrize("outlier", [False, True])
 def test_int8_kernel_probabilities_are_within_their_bound(vocab, hidden, outlier, monkeypatch):
@@ -370,6 +391,41 @@ def test_int8_kernel_probabilities_are_within_their_bound(vocab, hidden, outlier
         torch.testing.assert_close(mass.double()[:4], sums[:4], rtol=1e-5, atol=0)
     if outlier:  # the constant coordinate is exact: the bound does not grow with it
         assert e[5] < e[2] * 100
+
+
+@pytest.mark.parametrize(
+    "flags, paths",
+    [
+        (("-mno-avx512f",), {"AVX2", "AVX2 + AVX-VNNI"}),  # on an AVX-512 CPU: the AVX2 path
+        (("-mno-avx512f", "-mno-avxvnni"), {"AVX2"}),
+        (("-march=x86-64",), {"scalar C"}),  # no AVX2: the scalar C path
+    ],
+)
+def test_int8_kernel_vector_paths_agree(flags, paths, monkeypatch, tmp_path):
+    """Every vector path of the int8 kernel (built here with the other paths' flags) gives the
+    same probabilities as this machine's own build, bit for bit (exact integer sums, the same fp32
+    operations per lane), and the same block masses up to the order of their sums."""
+    import sdft_lite.sampling as sampling
+    from sdft_lite import kernels
+
+    native = _kernel_library()
+    found = kernels._compiler()
+    built = kernels._build(found[0], tmp_path / "variant.so", extra_flags=flags)
+    assert built is not None
+    variant = kernels._bind(ctypes.CDLL(str(built)))
+    assert kernels.SIMD_PATHS[variant.sdft_simd()] in paths
+    monkeypatch.setattr(sampling, "SAMPLE_BLOCK", 512)
+    w = _head(5003, 72, seed=4, outlier=True)  # 5003: a partial last group; 72: rows padded to 96
+    h = torch.randn(6, 72, generator=torch.Generator().manual_seed(5)) * 3.0
+    results = []
+    for lib in (native, variant):
+        monkeypatch.setattr(kernels, "_LIBRARY", [lib])
+        proposal = sampling.Int8Proposal(w)
+        act, scale, hk, _ = proposal.kernel_inputs(h, 0.7)
+        results.append([t.clone() for t in proposal.kernel_probs(act, scale, hk, 6, 0.7)])
+    (probs, mass), (probs_v, mass_v) = results
+    assert torch.equal(probs, probs_v)
+    torch.testing.assert_close(mass_v, mass, rtol=1e-5, atol=0)
 
 
 def test_int8_kernel_exp_is_within_its_declared_error():
@@ -479,11 +535,11 @@ def test_int8_proposal_is_given_up_when_its_bound_is_too_large(monkeypatch, tmp_
     kwargs = dict(max_new_tokens=4, eos_ids=[-1], pad_id=0, logprobs=False)
     monkeypatch.setattr(sampling, "PROPOSAL_STATS", type(sampling.PROPOSAL_STATS)())
     sample_completions(model, ids, mask, **kwargs)
-    assert sampling.PROPOSAL_STATS["rows"] == sampling.PROPOSAL_STATS["fallback_rows"] == 2 * 3
+    assert sampling.PROPOSAL_STATS["rows"] == sampling.PROPOSAL_STATS["fallback_rows"] == 2 * 4
     assert sampling._INT8_HEADS[0][2] is not None
     sample_completions(model, ids, mask, **kwargs)
     assert sampling._INT8_HEADS[0][2] is None  # given up for this head
-    assert sampling.PROPOSAL_STATS["rows"] == 6  # the second rollout used the fp32 head only
+    assert sampling.PROPOSAL_STATS["rows"] == 8  # the second rollout used the fp32 head only
 
 
 def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top_p(monkeypatch, tmp_path):
@@ -496,6 +552,11 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
     cfg = model.config
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
     kwargs = dict(max_new_tokens=6, eos_ids=[-1], pad_id=0, num_samples=2)
+    head_calls = []
+    call = sampling.DecodeHead.__call__
+    monkeypatch.setattr(
+        sampling.DecodeHead, "__call__", lambda self, h: head_calls.append(1) or call(self, h)
+    )
     for extra, used in [
         (dict(logprobs=False), True),
         (dict(logprobs=False, temperature=0.8), True),
@@ -508,8 +569,12 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
         tokens, logp = sample_completions(model, ids, mask, **kwargs, **extra)
         assert tokens.shape == (4, 6) and int(tokens.max()) < cfg.vocab_size
         assert (logp is None) == (extra.get("logprobs", True) is False)
-        # every token after the first (the prefill's logits) goes through the proposal
-        assert sampling.PROPOSAL_STATS["rows"] == (4 * 5 if used else 0), extra
+        # every token, the first (from the prefill's hidden state) too, goes through the
+        # proposal, and the fp32 head is called only for rows that fall back
+        assert sampling.PROPOSAL_STATS["rows"] == (4 * 6 if used else 0), extra
+        if used:
+            assert len(head_calls) == sampling.PROPOSAL_STATS["fallback_rows"] == 0
+        head_calls.clear()
     head = model.lm_head.weight
     assert sampling._INT8_HEADS[0][0]() is head  # the copy is kept for the next rollout ...
     with torch.no_grad():

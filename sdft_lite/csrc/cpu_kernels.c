@@ -3,6 +3,7 @@
  *   sdft_softmax_tile  one vocabulary tile of the distillation loss's online softmax
  *                      (sdft_lite.tiled_loss)
  *   sdft_exp_max_error the largest relative error of their exp (checked on every build)
+ *   sdft_simd          which vector path this build took
  *
  * sdft_int8_probs: the int8 proposal's probabilities in one pass over an int8 copy of the output head.
  *
@@ -13,6 +14,16 @@
  * with D[b, v] = sum_i act[b, i] * q[v, i], an exact int32 sum (int16 activations, int8 weights;
  * the caller keeps |act| small enough that no sum overflows); sdft_lite.sampling.Int8Proposal
  * bounds every step's error.
+ *
+ * The int8 head is read in groups of 16 ids, the two weights of each id for a pair of columns
+ * next to each other (`pack_int8_head` in sdft_lite/sampling.py writes it):
+ *     qp[((g * width / 2 + p) * 16 + j) * 2 + e] = q[16 g + j, 2 p + e],
+ * so that one multiply-add of int16 pairs (vpmaddwd, or vpdpwssd with AVX-512 VNNI / AVX-VNNI)
+ * with a row's two activations of that pair broadcast puts id j's partial sum in lane j: the
+ * sums come out one id per lane, with no reduction across lanes. The vocabulary is padded with
+ * zero rows to a multiple of 32 ids (two groups per step), scale and exact to the same `stride`.
+ * Integer sums are exact, so every path gives the same D, and (the same fp32 operations per
+ * lane) the same probabilities.
  */
 #include <math.h>
 #include <pthread.h>
@@ -21,9 +32,29 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define SDFT_AVX512 1
+#endif
 
 #define CHUNK 256 /* vocabulary ids per pass of exp (their logits stay in L1) */
+#define GROUP 16  /* ids per group of the packed int8 head */
 #define MAX_THREADS 64
+
+/* The vector path of this build: 3 AVX-512 (VNNI), 2 AVX-512 (BW), 1 AVX2, 0 scalar; +10 where
+ * the AVX2 path has AVX-VNNI. */
+int sdft_simd(void) {
+#if defined(SDFT_AVX512) && defined(__AVX512VNNI__)
+    return 3;
+#elif defined(SDFT_AVX512)
+    return 2;
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+    return 11;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* fn on each of `threads` jobs (an array of `size`-byte structs): jobs 1.. on threads of their
  * own, job 0 on the caller's, and any job whose thread did not start on the caller's too. */
@@ -42,7 +73,8 @@ static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int threa
 
 /* exp(x) for fp32 x: Cody-Waite reduction by ln 2 in two parts, a degree-7 polynomial, 2^n from
  * the exponent bits. 0 below -87.3 (fp32's normal range ends there), +inf above 88.7. Its largest
- * relative error over every fp32 input is measured by sdft_exp_max_error (tests). */
+ * relative error over every fp32 input is measured by sdft_exp_max_error (tests). The vector
+ * versions do the same operations per lane. */
 #define EXP_LO -87.3f
 #define EXP_HI 88.7f
 static inline float exp_scalar(float x) {
@@ -87,11 +119,44 @@ static inline __m256 exp_avx2(__m256 x) {
 }
 #endif
 
+#ifdef SDFT_AVX512
+static inline __m512 exp_avx512(__m512 x) {
+    __mmask16 lo = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LO), _CMP_LT_OQ);
+    __mmask16 hi = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_HI), _CMP_GT_OQ);
+    __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    y = _mm512_maskz_mov_ps((__mmask16)~lo, y);
+    return _mm512_mask_blend_ps(hi, y, _mm512_set1_ps(INFINITY));
+}
+#endif
+
 /* exp of n values (the same arithmetic in the vector and the scalar tail), returning their sum. */
 static float exp_run(const float *in, float *out, int64_t n, float inv_t) {
     int64_t i = 0;
     float total = 0.0f;
-#ifdef __AVX2__
+#if defined(SDFT_AVX512)
+    __m512 acc = _mm512_setzero_ps(), scale = _mm512_set1_ps(inv_t);
+    for (; i + 16 <= n; i += 16) {
+        __m512 y = exp_avx512(_mm512_mul_ps(_mm512_loadu_ps(in + i), scale));
+        _mm512_storeu_ps(out + i, y);
+        acc = _mm512_add_ps(acc, y);
+    }
+    float lanes[16];
+    _mm512_storeu_ps(lanes, acc);
+    for (int j = 0; j < 16; j++) total += lanes[j];
+#elif defined(__AVX2__)
     __m256 acc = _mm256_setzero_ps(), scale = _mm256_set1_ps(inv_t);
     for (; i + 8 <= n; i += 8) {
         __m256 y = exp_avx2(_mm256_mul_ps(_mm256_loadu_ps(in + i), scale));
@@ -110,81 +175,142 @@ static float exp_run(const float *in, float *out, int64_t n, float inv_t) {
 }
 
 typedef struct {
-    const int8_t *q;       /* [vocab, width] */
-    const float *scale;    /* [vocab] */
-    const float *exact;    /* [k, vocab] */
+    const int8_t *q;       /* [stride / 16, width / 2, 16, 2], the packed head (above) */
+    const float *scale;    /* [stride] */
+    const float *exact;    /* [k, stride] */
     const int16_t *act;    /* [rows4, width], rows padded with zeros to a multiple of 4 */
     const float *act_scale;/* [rows4] */
     const float *hk;       /* [rows4, k] */
     float *probs;          /* [rows, vocab] */
     float *mass;           /* [rows, blocks] */
-    int64_t vocab, width, k, rows, block, chunk, v0, v1;
+    int64_t vocab, stride, width, k, rows, block, chunk, v0, v1;
     float inv_t;
 } job_t;
 
-#ifdef __AVX2__
-/* D[b, v] and D[b, v + 1] for the 4 rows b0..b0+3: [v: b0..b3 | v+1: b0..b3], int32 dot products
- * over `width` (a multiple of 16). */
-static inline __m256i dots4x2(const job_t *j, int64_t v, const int16_t *a) {
-    const int8_t *w = j->q + v * j->width;
-    const int64_t n = j->width;
-    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
-    for (int64_t i = 0; i < n; i += 16) {
-        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
-        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + n + i)));
-        __m256i x = _mm256_loadu_si256((const __m256i *)(a + i));
-        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, x));
-        t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(w1, x));
-        x = _mm256_loadu_si256((const __m256i *)(a + n + i));
-        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w0, x));
-        t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(w1, x));
-        x = _mm256_loadu_si256((const __m256i *)(a + 2 * n + i));
-        s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(w0, x));
-        t2 = _mm256_add_epi32(t2, _mm256_madd_epi16(w1, x));
-        x = _mm256_loadu_si256((const __m256i *)(a + 3 * n + i));
-        s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(w0, x));
-        t3 = _mm256_add_epi32(t3, _mm256_madd_epi16(w1, x));
-    }
-    __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
-    __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(t0, t1), _mm256_hadd_epi32(t2, t3));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+/* Row b's activations of column pair p as one int32 (the two int16 side by side). */
+static inline int32_t act_pair(const int16_t *a, int64_t i) {
+    int32_t v;
+    memcpy(&v, a + 2 * i, 4);
+    return v;
 }
-#endif
 
-/* The logits of rows b0..b0+3 for ids start..end-1 into logits[b][v - start]. */
+/* D[b, v] for the 4 rows b0..b0+3 (activations `a`, [4, width] int16) and the 32 ids of groups g
+ * and g + 1, into d[b][0..31]. */
+static void dots4x32(const job_t *j, int64_t g, const int16_t *a, int32_t d[4][32]) {
+    const int64_t pairs = j->width / 2;
+    const int8_t *w0 = j->q + g * pairs * 2 * GROUP, *w1 = w0 + pairs * 2 * GROUP;
+#if defined(SDFT_AVX512)
+#if defined(__AVX512VNNI__)
+#define MADD512(acc, w, xv) _mm512_dpwssd_epi32(acc, w, xv)
+#else
+#define MADD512(acc, w, xv) _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv))
+#endif
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512i u = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w0 + p * 2 * GROUP)));
+        __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w1 + p * 2 * GROUP)));
+        __m512i x0 = _mm512_set1_epi32(act_pair(a, p)), x1 = _mm512_set1_epi32(act_pair(a, pairs + p));
+        __m512i x2 = _mm512_set1_epi32(act_pair(a, 2 * pairs + p)), x3 = _mm512_set1_epi32(act_pair(a, 3 * pairs + p));
+        s0 = MADD512(s0, u, x0);
+        t0 = MADD512(t0, v, x0);
+        s1 = MADD512(s1, u, x1);
+        t1 = MADD512(t1, v, x1);
+        s2 = MADD512(s2, u, x2);
+        t2 = MADD512(t2, v, x2);
+        s3 = MADD512(s3, u, x3);
+        t3 = MADD512(t3, v, x3);
+    }
+#undef MADD512
+    _mm512_storeu_si512(d[0], s0);
+    _mm512_storeu_si512(d[0] + 16, t0);
+    _mm512_storeu_si512(d[1], s1);
+    _mm512_storeu_si512(d[1] + 16, t1);
+    _mm512_storeu_si512(d[2], s2);
+    _mm512_storeu_si512(d[2] + 16, t2);
+    _mm512_storeu_si512(d[3], s3);
+    _mm512_storeu_si512(d[3] + 16, t3);
+#elif defined(__AVX2__)
+#if defined(__AVXVNNI__)
+#define MADD256(acc, w, xv) _mm256_dpwssd_avx_epi32(acc, w, xv)
+#else
+#define MADD256(acc, w, xv) _mm256_add_epi32(acc, _mm256_madd_epi16(w, xv))
+#endif
+    for (int half = 0; half < 2; half++) { /* group g, then g + 1: ids 0-7 and 8-15 of each */
+        const int8_t *w = half ? w1 : w0;
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+        for (int64_t p = 0; p < pairs; p++) {
+            __m256i u = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 2 * GROUP)));
+            __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 2 * GROUP + GROUP)));
+            __m256i x0 = _mm256_set1_epi32(act_pair(a, p)), x1 = _mm256_set1_epi32(act_pair(a, pairs + p));
+            __m256i x2 = _mm256_set1_epi32(act_pair(a, 2 * pairs + p)), x3 = _mm256_set1_epi32(act_pair(a, 3 * pairs + p));
+            s0 = MADD256(s0, u, x0);
+            t0 = MADD256(t0, v, x0);
+            s1 = MADD256(s1, u, x1);
+            t1 = MADD256(t1, v, x1);
+            s2 = MADD256(s2, u, x2);
+            t2 = MADD256(t2, v, x2);
+            s3 = MADD256(s3, u, x3);
+            t3 = MADD256(t3, v, x3);
+        }
+        int o = half * GROUP;
+        _mm256_storeu_si256((__m256i *)(d[0] + o), s0);
+        _mm256_storeu_si256((__m256i *)(d[0] + o + 8), t0);
+        _mm256_storeu_si256((__m256i *)(d[1] + o), s1);
+        _mm256_storeu_si256((__m256i *)(d[1] + o + 8), t1);
+        _mm256_storeu_si256((__m256i *)(d[2] + o), s2);
+        _mm256_storeu_si256((__m256i *)(d[2] + o + 8), t2);
+        _mm256_storeu_si256((__m256i *)(d[3] + o), s3);
+        _mm256_storeu_si256((__m256i *)(d[3] + o + 8), t3);
+    }
+#undef MADD256
+#else
+    for (int b = 0; b < 4; b++)
+        for (int i = 0; i < 2 * GROUP; i++) d[b][i] = 0;
+    for (int half = 0; half < 2; half++) {
+        const int8_t *w = half ? w1 : w0;
+        for (int64_t p = 0; p < pairs; p++)
+            for (int i = 0; i < GROUP; i++)
+                for (int b = 0; b < 4; b++)
+                    d[b][half * GROUP + i] += (int32_t)w[(p * GROUP + i) * 2] * a[b * j->width + 2 * p] +
+                                              (int32_t)w[(p * GROUP + i) * 2 + 1] * a[b * j->width + 2 * p + 1];
+    }
+#endif
+}
+
+/* The logits of rows b0..b0+3 for ids start..end-1 (start a multiple of 32) into
+ * logits[b][v - start]; ids up to end rounded up to 32 are computed (zero rows, in the padding). */
 static void logits4(const job_t *j, int64_t b0, int64_t start, int64_t end, float logits[4][CHUNK]) {
     const int16_t *a = j->act + b0 * j->width;
-    int64_t v = start;
-#ifdef __AVX2__
-    for (; v + 8 <= end; v += 8) {
-        /* four [v, v+1 | ...] pairs -> per row b, the 8 ids' sums in order */
-        __m256i p0 = dots4x2(j, v, a), p1 = dots4x2(j, v + 2, a), p2 = dots4x2(j, v + 4, a), p3 = dots4x2(j, v + 6, a);
-        /* p0 = [v0 b0..b3 | v1 b0..b3], ...: regroup as X_k = [v_k | v_(k+4)] */
-        __m256i x0 = _mm256_permute2x128_si256(p0, p2, 0x20); /* v0 | v4 */
-        __m256i x1 = _mm256_permute2x128_si256(p0, p2, 0x31); /* v1 | v5 */
-        __m256i x2 = _mm256_permute2x128_si256(p1, p3, 0x20); /* v2 | v6 */
-        __m256i x3 = _mm256_permute2x128_si256(p1, p3, 0x31); /* v3 | v7 */
-        __m256i u0 = _mm256_unpacklo_epi32(x0, x1), u1 = _mm256_unpackhi_epi32(x0, x1);
-        __m256i u2 = _mm256_unpacklo_epi32(x2, x3), u3 = _mm256_unpackhi_epi32(x2, x3);
-        __m256i rows[4] = {_mm256_unpacklo_epi64(u0, u2), _mm256_unpackhi_epi64(u0, u2),
-                           _mm256_unpacklo_epi64(u1, u3), _mm256_unpackhi_epi64(u1, u3)};
-        __m256 scale = _mm256_loadu_ps(j->scale + v);
+    int32_t d[4][32];
+    for (int64_t v = start; v < end; v += 2 * GROUP) {
+        dots4x32(j, v / GROUP, a, d);
         for (int b = 0; b < 4; b++) {
-            __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(rows[b]), _mm256_mul_ps(scale, _mm256_set1_ps(j->act_scale[b0 + b])));
-            for (int64_t c = 0; c < j->k; c++)
-                x = _mm256_fmadd_ps(_mm256_set1_ps(j->hk[(b0 + b) * j->k + c]), _mm256_loadu_ps(j->exact + c * j->vocab + v), x);
-            _mm256_storeu_ps(&logits[b][v - start], x);
-        }
-    }
+            const float r = j->act_scale[b0 + b];
+            const float *hk = j->hk + (b0 + b) * j->k;
+            float *out = &logits[b][v - start];
+            int i = 0;
+#if defined(SDFT_AVX512)
+            for (; i < 2 * GROUP; i += 16) {
+                __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(d[b] + i)),
+                                         _mm512_mul_ps(_mm512_loadu_ps(j->scale + v + i), _mm512_set1_ps(r)));
+                for (int64_t c = 0; c < j->k; c++)
+                    y = _mm512_fmadd_ps(_mm512_set1_ps(hk[c]), _mm512_loadu_ps(j->exact + c * j->stride + v + i), y);
+                _mm512_storeu_ps(out + i, y);
+            }
+#elif defined(__AVX2__)
+            for (; i < 2 * GROUP; i += 8) {
+                __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(d[b] + i))),
+                                         _mm256_mul_ps(_mm256_loadu_ps(j->scale + v + i), _mm256_set1_ps(r)));
+                for (int64_t c = 0; c < j->k; c++)
+                    y = _mm256_fmadd_ps(_mm256_set1_ps(hk[c]), _mm256_loadu_ps(j->exact + c * j->stride + v + i), y);
+                _mm256_storeu_ps(out + i, y);
+            }
 #endif
-    for (; v < end; v++) {
-        const int8_t *w = j->q + v * j->width;
-        for (int b = 0; b < 4; b++) {
-            int32_t s = 0;
-            for (int64_t i = 0; i < j->width; i++) s += (int32_t)w[i] * (int32_t)a[b * j->width + i];
-            float x = (float)s * (j->scale[v] * j->act_scale[b0 + b]);
-            for (int64_t c = 0; c < j->k; c++) x = fmaf(j->hk[(b0 + b) * j->k + c], j->exact[c * j->vocab + v], x);
-            logits[b][v - start] = x;
+            for (; i < 2 * GROUP; i++) {
+                float y = (float)d[b][i] * (j->scale[v + i] * r);
+                for (int64_t c = 0; c < j->k; c++) y = fmaf(hk[c], j->exact[c * j->stride + v + i], y);
+                out[i] = y;
+            }
         }
     }
 }
@@ -209,20 +335,25 @@ static void *run_range(void *arg) {
 }
 
 /* Fills probs [rows, vocab] and mass [rows, ceil(vocab / block)] (zeroed here) using `threads`
- * threads, each a run of whole blocks. block: at most CHUNK or a multiple of it. act, act_scale
- * and hk have their rows padded (with zeros) to a multiple of 4. Returns 0, or -1 on bad input. */
+ * threads, each a run of whole blocks. q: the packed head (above), `stride` ids (vocab rounded up
+ * to 32) of width / 2 column pairs; scale [stride] and exact [k, stride] padded alike. block: a
+ * multiple of 32, at most CHUNK or a multiple of it. act, act_scale and hk have their rows padded
+ * (with zeros) to a multiple of 4. Returns 0, or -1 on bad input. */
 int sdft_int8_probs(const int8_t *q, const float *scale, const float *exact, const int16_t *act,
                     const float *act_scale, const float *hk, float *probs, float *mass, int64_t vocab,
-                    int64_t width, int64_t k, int64_t rows, int64_t block, float inv_t, int threads) {
+                    int64_t stride, int64_t width, int64_t k, int64_t rows, int64_t block, float inv_t,
+                    int threads) {
     int64_t chunk = block < CHUNK ? block : CHUNK;
-    if (width % 16 || block < 1 || block % chunk || rows < 1 || threads < 1) return -1;
+    if (width % 32 || block < 1 || block % chunk || chunk % (2 * GROUP) || rows < 1 || threads < 1 ||
+        stride % (2 * GROUP) || stride < vocab || vocab < 1 || k < 0)
+        return -1;
     int64_t blocks = (vocab + block - 1) / block;
     memset(mass, 0, sizeof(float) * rows * blocks);
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = (int)blocks;
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
-        job_t j = {q, scale, exact, act, act_scale, hk, probs, mass, vocab, width, k, rows, block, chunk, 0, 0, inv_t};
+        job_t j = {q, scale, exact, act, act_scale, hk, probs, mass, vocab, stride, width, k, rows, block, chunk, 0, 0, inv_t};
         j.v0 = (blocks * t / threads) * block;
         j.v1 = (blocks * (t + 1) / threads) * block;
         if (j.v1 > vocab) j.v1 = vocab;
@@ -238,12 +369,24 @@ typedef struct {
     int64_t r0, r1, cols, grew;
 } tile_job_t;
 
-/* The largest of n values, and whether any is NaN (*nan set). */
+/* The largest of n values, and whether any is NaN (*nan set): a NaN pair of the vector steps
+ * is found by one unordered comparison of the two halves. */
 static float row_max(const float *x, int64_t n, int *nan) {
     int64_t i = 0;
     float best = -INFINITY;
     int bad = 0;
-#ifdef __AVX2__
+#if defined(SDFT_AVX512)
+    __m512 a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
+    __mmask16 u = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        a0 = _mm512_max_ps(a0, x0);
+        a1 = _mm512_max_ps(a1, x1);
+        u |= _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q);
+    }
+    best = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    bad = u != 0;
+#elif defined(__AVX2__)
     __m256 a0 = _mm256_set1_ps(-INFINITY), a1 = a0, u = _mm256_setzero_ps();
     for (; i + 16 <= n; i += 16) {
         __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
@@ -268,7 +411,20 @@ static float row_max(const float *x, int64_t n, int *nan) {
 static float exp_shifted(const float *in, float *out, int64_t n, float shift) {
     int64_t i = 0;
     float total = 0.0f;
-#ifdef __AVX2__
+#if defined(SDFT_AVX512)
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, c = _mm512_set1_ps(shift);
+    for (; i + 32 <= n; i += 32) {
+        __m512 y0 = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(in + i), c));
+        __m512 y1 = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(in + i + 16), c));
+        _mm512_storeu_ps(out + i, y0);
+        _mm512_storeu_ps(out + i + 16, y1);
+        s0 = _mm512_add_ps(s0, y0);
+        s1 = _mm512_add_ps(s1, y1);
+    }
+    float lanes[16];
+    _mm512_storeu_ps(lanes, _mm512_add_ps(s0, s1));
+    for (int j = 0; j < 16; j++) total += lanes[j];
+#elif defined(__AVX2__)
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, c = _mm256_set1_ps(shift);
     for (; i + 16 <= n; i += 16) {
         __m256 y0 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + i), c));
