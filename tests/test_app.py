@@ -322,7 +322,8 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
     c = app_proc.connect()
     msg = c.predict(**fields, output__name="quick", api_name="/start")[0]
     assert "**quick** started" in msg, msg
-    long_run = {**fields, "train__max_steps": 500, "train__save_steps": 1000}
+    # Never reaches its end here (the demo model did 500 steps during a restart on a fast CPU).
+    long_run = {**fields, "train__max_steps": 100_000, "train__save_steps": 1_000_000}
     msg = c.predict(**long_run, output__name="stopme", api_name="/start")[0]
     assert "queued" in msg, msg  # one training at a time: it waits for "quick"
     rows = table(c)
@@ -352,7 +353,7 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
     # Stop and save: the trainer stops after its current step and saves the adapter.
     assert "stop requested" in c.predict(name="stopme", api_name="/stop")
     v = wait_for(c, "stopme", lambda s: s.get("state") in FINAL, what="stop")
-    assert v.status["state"] == "stopped" and not v.status.get("error") and 1 <= v.status["step"] < 500
+    assert v.status["state"] == "stopped" and not v.status.get("error") and 1 <= v.status["step"] < 100_000
     stopme = app_proc.runs_dir / "stopme"
     assert (stopme / "adapter" / "adapter_model.safetensors").exists() and list(
         stopme.glob("checkpoints/checkpoint-*")
@@ -374,7 +375,7 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
     )
     assert "stop requested" in c.predict(name="later", api_name="/stop")
     v = wait_for(c, "later", lambda s: s.get("state") in FINAL, what="resumed stop")
-    assert v.status["state"] == "stopped" and not v.status.get("error") and 1 <= v.status["step"] < 500
+    assert v.status["state"] == "stopped" and not v.status.get("error") and 1 <= v.status["step"] < 100_000
     assert (app_proc.runs_dir / "later" / "adapter" / "adapter_model.safetensors").exists()
 
     # Another restart: every run is listed with its data.

@@ -127,7 +127,7 @@ def _walk_through_tabs(server, page, tiny_model_dir, tmp_path):
     expect(page.get_by_label("data.demonstration_column")).to_have_value("demonstration")
     # browser-1 gets far more steps than the test waits for: it is watched mid-run, then stopped with
     # "Stop and save" (timing-free on any machine). browser-2 is short and runs to completion.
-    page.get_by_label("train.max_steps").fill("2000")
+    page.get_by_label("train.max_steps").fill("100000")
     page.get_by_label("extra keys").fill(EXTRA_KEYS)
     page.get_by_label("output.name").fill("browser-1")
     page.get_by_role("button", name="Check recipe").click()

@@ -237,7 +237,7 @@ def test_bad_rows_fail_cleanly(tiny_model_dir, tmp_path):
 
 def test_stop_saves_adapter(tiny_model_dir, tiny_data, tmp_path):
     recipe = tiny_recipe(
-        tiny_model_dir, tiny_data, tmp_path / "runs", train={"max_steps": 500, "save_steps": 1000}
+        tiny_model_dir, tiny_data, tmp_path / "runs", train={"max_steps": 100_000, "save_steps": 1_000_000}
     )
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -256,7 +256,7 @@ def test_stop_saves_adapter(tiny_model_dir, tiny_data, tmp_path):
     assert cli("stop", "run", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path).returncode == 0
     assert proc.wait(timeout=120) == 0
     status = run.read_status()
-    assert status["state"] == "stopped" and 1 <= status["step"] < 500
+    assert status["state"] == "stopped" and 1 <= status["step"] < 100_000
     assert (run.adapter / "adapter_model.safetensors").exists()
     assert run.last_checkpoint() is not None  # saved so it can be resumed
     res = cli("stop", "run", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
