@@ -16,7 +16,7 @@
  * bounds every step's error.
  *
  * The int8 head is read in groups of 16 ids, the two weights of each id for a pair of columns
- * next to each other (`pack_int8_head` in sdft_lite/sampling.py writes it):
+ * next to each other (`pack_int8_rows` in sdft_lite/sampling.py writes it):
  *     qp[((g * width / 2 + p) * 16 + j) * 2 + e] = q[16 g + j, 2 p + e],
  * so that one multiply-add of int16 pairs (vpmaddwd, or vpdpwssd with AVX-512 VNNI / AVX-VNNI)
  * with a row's two activations of that pair broadcast puts id j's partial sum in lane j: the
@@ -39,6 +39,97 @@
 #define CHUNK 256 /* vocabulary ids per pass of exp (their logits stay in L1) */
 #define GROUP 16  /* ids per group of the packed int8 head */
 #define MAX_THREADS 64
+
+/* The vector loops below are written once, over VL lanes of fp32 (vf) or int32 (vi) and their
+ * comparison masks: AVX-512 (VL 16) where the build has it, else AVX2 (VL 8); without either,
+ * only the scalar loops run. */
+#if defined(SDFT_AVX512)
+#define VL 16
+typedef __m512 vf;
+typedef __m512i vi;
+typedef __mmask16 vmask;
+#define vf_set1 _mm512_set1_ps
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_add _mm512_add_ps
+#define vf_sub _mm512_sub_ps
+#define vf_mul _mm512_mul_ps
+#define vf_min _mm512_min_ps
+#define vf_max _mm512_max_ps
+#define vf_fmadd _mm512_fmadd_ps
+#define vf_round(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vf_of_vi _mm512_cvtepi32_ps
+#define vf_bits _mm512_castsi512_ps
+#define vf_lt(a, b) _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ)
+#define vf_gt(a, b) _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ)
+#define vf_unord(a, b) _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q)
+#define vf_zero_where(m, y) _mm512_maskz_mov_ps((__mmask16)~(m), y)
+#define vf_set_where(m, y, value) _mm512_mask_blend_ps(m, y, value)
+#define vmask_none() ((__mmask16)0)
+#define vmask_or(a, b) ((__mmask16)((a) | (b)))
+#define vmask_any(m) ((m) != 0)
+#define vi_zero _mm512_setzero_si512
+#define vi_set1 _mm512_set1_epi32
+#define vi_add _mm512_add_epi32
+#define vi_shl _mm512_slli_epi32
+#define vi_round_of_vf _mm512_cvtps_epi32
+#define vi_load(p) _mm512_loadu_si512(p)
+#define vi_store(p, x) _mm512_storeu_si512(p, x)
+#define vi_widen8(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p))) /* 2 VL int8 -> int16 */
+#if defined(__AVX512VNNI__)
+#define vi_madd(acc, w, x) _mm512_dpwssd_epi32(acc, w, x)
+#else
+#define vi_madd(acc, w, x) _mm512_add_epi32(acc, _mm512_madd_epi16(w, x))
+#endif
+#elif defined(__AVX2__)
+#define VL 8
+typedef __m256 vf;
+typedef __m256i vi;
+typedef __m256 vmask;
+#define vf_set1 _mm256_set1_ps
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_add _mm256_add_ps
+#define vf_sub _mm256_sub_ps
+#define vf_mul _mm256_mul_ps
+#define vf_min _mm256_min_ps
+#define vf_max _mm256_max_ps
+#define vf_fmadd _mm256_fmadd_ps
+#define vf_round(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vf_of_vi _mm256_cvtepi32_ps
+#define vf_bits _mm256_castsi256_ps
+#define vf_lt(a, b) _mm256_cmp_ps(a, b, _CMP_LT_OQ)
+#define vf_gt(a, b) _mm256_cmp_ps(a, b, _CMP_GT_OQ)
+#define vf_unord(a, b) _mm256_cmp_ps(a, b, _CMP_UNORD_Q)
+#define vf_zero_where(m, y) _mm256_andnot_ps(m, y)
+#define vf_set_where(m, y, value) _mm256_blendv_ps(y, value, m)
+#define vmask_none() _mm256_setzero_ps()
+#define vmask_or(a, b) _mm256_or_ps(a, b)
+#define vmask_any(m) (_mm256_movemask_ps(m) != 0)
+#define vi_zero _mm256_setzero_si256
+#define vi_set1 _mm256_set1_epi32
+#define vi_add _mm256_add_epi32
+#define vi_shl _mm256_slli_epi32
+#define vi_round_of_vf _mm256_cvtps_epi32
+#define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vi_store(p, x) _mm256_storeu_si256((__m256i *)(p), x)
+#define vi_widen8(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p))) /* 2 VL int8 -> int16 */
+#if defined(__AVXVNNI__)
+#define vi_madd(acc, w, x) _mm256_dpwssd_avx_epi32(acc, w, x)
+#else
+#define vi_madd(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
+#endif
+#endif
+
+#ifdef VL
+/* The sum of a vector's lanes, in lane order. */
+static inline float vf_sum(vf x) {
+    float lanes[VL], total = 0.0f;
+    vf_store(lanes, x);
+    for (int j = 0; j < VL; j++) total += lanes[j];
+    return total;
+}
+#endif
 
 /* The vector path of this build: 3 AVX-512 (VNNI), 2 AVX-512 (BW), 1 AVX2, 0 scalar; +10 where
  * the AVX2 path has AVX-VNNI. */
@@ -96,49 +187,23 @@ static inline float exp_scalar(float x) {
     return p * two_n;
 }
 
-#ifdef __AVX2__
-static inline __m256 exp_avx2(__m256 x) {
-    __m256 lo = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_LT_OQ);
-    __m256 hi = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_HI), _CMP_GT_OQ);
-    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_LO)), _mm256_set1_ps(EXP_HI));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-    y = _mm256_andnot_ps(lo, y);
-    return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), hi);
-}
-#endif
-
-#ifdef SDFT_AVX512
-static inline __m512 exp_avx512(__m512 x) {
-    __mmask16 lo = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LO), _CMP_LT_OQ);
-    __mmask16 hi = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_HI), _CMP_GT_OQ);
-    __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    y = _mm512_maskz_mov_ps((__mmask16)~lo, y);
-    return _mm512_mask_blend_ps(hi, y, _mm512_set1_ps(INFINITY));
+#ifdef VL
+static inline vf exp_vec(vf x) {
+    vmask lo = vf_lt(x, vf_set1(EXP_LO)), hi = vf_gt(x, vf_set1(EXP_HI));
+    vf xc = vf_min(vf_max(x, vf_set1(EXP_LO)), vf_set1(EXP_HI));
+    vf n = vf_round(vf_mul(xc, vf_set1(1.44269504088896341f)));
+    vf r = vf_fmadd(n, vf_set1(-0.693359375f), xc);
+    r = vf_fmadd(n, vf_set1(2.12194440e-4f), r);
+    vf p = vf_set1(1.9875691500e-4f);
+    p = vf_fmadd(p, r, vf_set1(1.3981999507e-3f));
+    p = vf_fmadd(p, r, vf_set1(8.3334519073e-3f));
+    p = vf_fmadd(p, r, vf_set1(4.1665795894e-2f));
+    p = vf_fmadd(p, r, vf_set1(1.6666665459e-1f));
+    p = vf_fmadd(p, r, vf_set1(5.0000001201e-1f));
+    p = vf_fmadd(p, vf_mul(r, r), vf_add(r, vf_set1(1.0f)));
+    vi bits = vi_shl(vi_add(vi_round_of_vf(n), vi_set1(127)), 23);
+    vf y = vf_zero_where(lo, vf_mul(p, vf_bits(bits)));
+    return vf_set_where(hi, y, vf_set1(INFINITY));
 }
 #endif
 
@@ -146,26 +211,14 @@ static inline __m512 exp_avx512(__m512 x) {
 static float exp_run(const float *in, float *out, int64_t n, float inv_t) {
     int64_t i = 0;
     float total = 0.0f;
-#if defined(SDFT_AVX512)
-    __m512 acc = _mm512_setzero_ps(), scale = _mm512_set1_ps(inv_t);
-    for (; i + 16 <= n; i += 16) {
-        __m512 y = exp_avx512(_mm512_mul_ps(_mm512_loadu_ps(in + i), scale));
-        _mm512_storeu_ps(out + i, y);
-        acc = _mm512_add_ps(acc, y);
+#ifdef VL
+    vf acc = vf_set1(0.0f), scale = vf_set1(inv_t);
+    for (; i + VL <= n; i += VL) {
+        vf y = exp_vec(vf_mul(vf_load(in + i), scale));
+        vf_store(out + i, y);
+        acc = vf_add(acc, y);
     }
-    float lanes[16];
-    _mm512_storeu_ps(lanes, acc);
-    for (int j = 0; j < 16; j++) total += lanes[j];
-#elif defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps(), scale = _mm256_set1_ps(inv_t);
-    for (; i + 8 <= n; i += 8) {
-        __m256 y = exp_avx2(_mm256_mul_ps(_mm256_loadu_ps(in + i), scale));
-        _mm256_storeu_ps(out + i, y);
-        acc = _mm256_add_ps(acc, y);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc);
-    for (int j = 0; j < 8; j++) total += lanes[j];
+    total = vf_sum(acc);
 #endif
     for (; i < n; i++) {
         out[i] = exp_scalar(in[i] * inv_t);
@@ -199,70 +252,39 @@ static inline int32_t act_pair(const int16_t *a, int64_t i) {
 static void dots4x32(const job_t *j, int64_t g, const int16_t *a, int32_t d[4][32]) {
     const int64_t pairs = j->width / 2;
     const int8_t *w0 = j->q + g * pairs * 2 * GROUP, *w1 = w0 + pairs * 2 * GROUP;
-#if defined(SDFT_AVX512)
-#if defined(__AVX512VNNI__)
-#define MADD512(acc, w, xv) _mm512_dpwssd_epi32(acc, w, xv)
+#ifdef VL
+    /* Each pass: two vectors of VL ids for each row (AVX-512: groups g and g + 1 in one pass;
+     * AVX2: in each of two passes, a group's ids 0-7 and 8-15). */
+    for (int pass = 0; pass < GROUP / VL; pass++) {
+#if VL == GROUP
+        const int8_t *wu = w0, *wv = w1;
 #else
-#define MADD512(acc, w, xv) _mm512_add_epi32(acc, _mm512_madd_epi16(w, xv))
+        const int8_t *wu = pass ? w1 : w0, *wv = wu + 2 * VL;
 #endif
-    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
-    for (int64_t p = 0; p < pairs; p++) {
-        __m512i u = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w0 + p * 2 * GROUP)));
-        __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w1 + p * 2 * GROUP)));
-        __m512i x0 = _mm512_set1_epi32(act_pair(a, p)), x1 = _mm512_set1_epi32(act_pair(a, pairs + p));
-        __m512i x2 = _mm512_set1_epi32(act_pair(a, 2 * pairs + p)), x3 = _mm512_set1_epi32(act_pair(a, 3 * pairs + p));
-        s0 = MADD512(s0, u, x0);
-        t0 = MADD512(t0, v, x0);
-        s1 = MADD512(s1, u, x1);
-        t1 = MADD512(t1, v, x1);
-        s2 = MADD512(s2, u, x2);
-        t2 = MADD512(t2, v, x2);
-        s3 = MADD512(s3, u, x3);
-        t3 = MADD512(t3, v, x3);
-    }
-#undef MADD512
-    _mm512_storeu_si512(d[0], s0);
-    _mm512_storeu_si512(d[0] + 16, t0);
-    _mm512_storeu_si512(d[1], s1);
-    _mm512_storeu_si512(d[1] + 16, t1);
-    _mm512_storeu_si512(d[2], s2);
-    _mm512_storeu_si512(d[2] + 16, t2);
-    _mm512_storeu_si512(d[3], s3);
-    _mm512_storeu_si512(d[3] + 16, t3);
-#elif defined(__AVX2__)
-#if defined(__AVXVNNI__)
-#define MADD256(acc, w, xv) _mm256_dpwssd_avx_epi32(acc, w, xv)
-#else
-#define MADD256(acc, w, xv) _mm256_add_epi32(acc, _mm256_madd_epi16(w, xv))
-#endif
-    for (int half = 0; half < 2; half++) { /* group g, then g + 1: ids 0-7 and 8-15 of each */
-        const int8_t *w = half ? w1 : w0;
-        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+        vi s0 = vi_zero(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
         for (int64_t p = 0; p < pairs; p++) {
-            __m256i u = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 2 * GROUP)));
-            __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 2 * GROUP + GROUP)));
-            __m256i x0 = _mm256_set1_epi32(act_pair(a, p)), x1 = _mm256_set1_epi32(act_pair(a, pairs + p));
-            __m256i x2 = _mm256_set1_epi32(act_pair(a, 2 * pairs + p)), x3 = _mm256_set1_epi32(act_pair(a, 3 * pairs + p));
-            s0 = MADD256(s0, u, x0);
-            t0 = MADD256(t0, v, x0);
-            s1 = MADD256(s1, u, x1);
-            t1 = MADD256(t1, v, x1);
-            s2 = MADD256(s2, u, x2);
-            t2 = MADD256(t2, v, x2);
-            s3 = MADD256(s3, u, x3);
-            t3 = MADD256(t3, v, x3);
+            vi u = vi_widen8(wu + p * 2 * GROUP), v = vi_widen8(wv + p * 2 * GROUP);
+            vi x0 = vi_set1(act_pair(a, p)), x1 = vi_set1(act_pair(a, pairs + p));
+            vi x2 = vi_set1(act_pair(a, 2 * pairs + p)), x3 = vi_set1(act_pair(a, 3 * pairs + p));
+            s0 = vi_madd(s0, u, x0);
+            t0 = vi_madd(t0, v, x0);
+            s1 = vi_madd(s1, u, x1);
+            t1 = vi_madd(t1, v, x1);
+            s2 = vi_madd(s2, u, x2);
+            t2 = vi_madd(t2, v, x2);
+            s3 = vi_madd(s3, u, x3);
+            t3 = vi_madd(t3, v, x3);
         }
-        int o = half * GROUP;
-        _mm256_storeu_si256((__m256i *)(d[0] + o), s0);
-        _mm256_storeu_si256((__m256i *)(d[0] + o + 8), t0);
-        _mm256_storeu_si256((__m256i *)(d[1] + o), s1);
-        _mm256_storeu_si256((__m256i *)(d[1] + o + 8), t1);
-        _mm256_storeu_si256((__m256i *)(d[2] + o), s2);
-        _mm256_storeu_si256((__m256i *)(d[2] + o + 8), t2);
-        _mm256_storeu_si256((__m256i *)(d[3] + o), s3);
-        _mm256_storeu_si256((__m256i *)(d[3] + o + 8), t3);
+        int o = pass * 2 * VL;
+        vi_store(d[0] + o, s0);
+        vi_store(d[0] + o + VL, t0);
+        vi_store(d[1] + o, s1);
+        vi_store(d[1] + o + VL, t1);
+        vi_store(d[2] + o, s2);
+        vi_store(d[2] + o + VL, t2);
+        vi_store(d[3] + o, s3);
+        vi_store(d[3] + o + VL, t3);
     }
-#undef MADD256
 #else
     for (int b = 0; b < 4; b++)
         for (int i = 0; i < 2 * GROUP; i++) d[b][i] = 0;
@@ -289,21 +311,12 @@ static void logits4(const job_t *j, int64_t b0, int64_t start, int64_t end, floa
             const float *hk = j->hk + (b0 + b) * j->k;
             float *out = &logits[b][v - start];
             int i = 0;
-#if defined(SDFT_AVX512)
-            for (; i < 2 * GROUP; i += 16) {
-                __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(d[b] + i)),
-                                         _mm512_mul_ps(_mm512_loadu_ps(j->scale + v + i), _mm512_set1_ps(r)));
+#ifdef VL
+            for (; i < 2 * GROUP; i += VL) {
+                vf y = vf_mul(vf_of_vi(vi_load(d[b] + i)), vf_mul(vf_load(j->scale + v + i), vf_set1(r)));
                 for (int64_t c = 0; c < j->k; c++)
-                    y = _mm512_fmadd_ps(_mm512_set1_ps(hk[c]), _mm512_loadu_ps(j->exact + c * j->stride + v + i), y);
-                _mm512_storeu_ps(out + i, y);
-            }
-#elif defined(__AVX2__)
-            for (; i < 2 * GROUP; i += 8) {
-                __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(d[b] + i))),
-                                         _mm256_mul_ps(_mm256_loadu_ps(j->scale + v + i), _mm256_set1_ps(r)));
-                for (int64_t c = 0; c < j->k; c++)
-                    y = _mm256_fmadd_ps(_mm256_set1_ps(hk[c]), _mm256_loadu_ps(j->exact + c * j->stride + v + i), y);
-                _mm256_storeu_ps(out + i, y);
+                    y = vf_fmadd(vf_set1(hk[c]), vf_load(j->exact + c * j->stride + v + i), y);
+                vf_store(out + i, y);
             }
 #endif
             for (; i < 2 * GROUP; i++) {
@@ -375,29 +388,19 @@ static float row_max(const float *x, int64_t n, int *nan) {
     int64_t i = 0;
     float best = -INFINITY;
     int bad = 0;
-#if defined(SDFT_AVX512)
-    __m512 a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
-    __mmask16 u = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
-        a0 = _mm512_max_ps(a0, x0);
-        a1 = _mm512_max_ps(a1, x1);
-        u |= _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q);
+#ifdef VL
+    vf a0 = vf_set1(-INFINITY), a1 = a0;
+    vmask u = vmask_none();
+    for (; i + 2 * VL <= n; i += 2 * VL) {
+        vf x0 = vf_load(x + i), x1 = vf_load(x + i + VL);
+        a0 = vf_max(a0, x0);
+        a1 = vf_max(a1, x1);
+        u = vmask_or(u, vf_unord(x0, x1));
     }
-    best = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-    bad = u != 0;
-#elif defined(__AVX2__)
-    __m256 a0 = _mm256_set1_ps(-INFINITY), a1 = a0, u = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-        a0 = _mm256_max_ps(a0, x0);
-        a1 = _mm256_max_ps(a1, x1);
-        u = _mm256_or_ps(u, _mm256_cmp_ps(x0, x1, _CMP_UNORD_Q));
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, _mm256_max_ps(a0, a1));
-    for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
-    bad = _mm256_movemask_ps(u) != 0;
+    float lanes[VL];
+    vf_store(lanes, vf_max(a0, a1));
+    for (int j = 0; j < VL; j++) best = lanes[j] > best ? lanes[j] : best;
+    bad = vmask_any(u);
 #endif
     for (; i < n; i++) {
         if (x[i] != x[i]) bad = 1;
@@ -411,32 +414,17 @@ static float row_max(const float *x, int64_t n, int *nan) {
 static float exp_shifted(const float *in, float *out, int64_t n, float shift) {
     int64_t i = 0;
     float total = 0.0f;
-#if defined(SDFT_AVX512)
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, c = _mm512_set1_ps(shift);
-    for (; i + 32 <= n; i += 32) {
-        __m512 y0 = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(in + i), c));
-        __m512 y1 = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(in + i + 16), c));
-        _mm512_storeu_ps(out + i, y0);
-        _mm512_storeu_ps(out + i + 16, y1);
-        s0 = _mm512_add_ps(s0, y0);
-        s1 = _mm512_add_ps(s1, y1);
+#ifdef VL
+    vf s0 = vf_set1(0.0f), s1 = s0, c = vf_set1(shift);
+    for (; i + 2 * VL <= n; i += 2 * VL) {
+        vf y0 = exp_vec(vf_sub(vf_load(in + i), c));
+        vf y1 = exp_vec(vf_sub(vf_load(in + i + VL), c));
+        vf_store(out + i, y0);
+        vf_store(out + i + VL, y1);
+        s0 = vf_add(s0, y0);
+        s1 = vf_add(s1, y1);
     }
-    float lanes[16];
-    _mm512_storeu_ps(lanes, _mm512_add_ps(s0, s1));
-    for (int j = 0; j < 16; j++) total += lanes[j];
-#elif defined(__AVX2__)
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, c = _mm256_set1_ps(shift);
-    for (; i + 16 <= n; i += 16) {
-        __m256 y0 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + i), c));
-        __m256 y1 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + i + 8), c));
-        _mm256_storeu_ps(out + i, y0);
-        _mm256_storeu_ps(out + i + 8, y1);
-        s0 = _mm256_add_ps(s0, y0);
-        s1 = _mm256_add_ps(s1, y1);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, _mm256_add_ps(s0, s1));
-    for (int j = 0; j < 8; j++) total += lanes[j];
+    total = vf_sum(vf_add(s0, s1));
 #endif
     for (; i < n; i++) {
         out[i] = exp_scalar(in[i] - shift);
