@@ -20,11 +20,14 @@ from .losses import _FP32_BYTES, LossOutput, LossSpec, _precomputed_output, _row
 
 # The vocabulary-tiled loss (frozen fp32 linear heads, forward KL) of one row group allocates at
 # most this much (or the chunk budget, if smaller): its [2 n, tile] logits and probability buffers
-# take three quarters, so each tile's elementwise work runs in cache while the head weight streams
-# past, and the top-k's [n, k]-sized bookkeeping the rest. 8 MiB rather than 16: in the bench
-# (500 rows, vocab 151,936, 2-core AMD EPYC) the loss took the same time within noise (top-k
-# 1.30-1.39 s, full 0.88-1.04 s best of 6, both sizes) and the step's peak RSS was 7-8 MiB lower.
-TILE_BYTES = 8 * 2**20
+# take three quarters, and the top-k's [n, k]-sized bookkeeping the rest. 32 MiB: the tile's two
+# matmuls run faster the wider the tile (on the 2-core Intel Xeon, [1000, 128] x [128, cols]:
+# 294 GFLOP/s at 736 columns, the 8 MiB tile, 344 at 2,944, the 32 MiB one) and the per-tile
+# work is paid 4x less often. The bench's loss alone (500 rows, vocab 151,936, best of 7):
+# full 0.41 -> 0.34 s, top-k 100 + tail 0.63 -> 0.47 s; 16 MiB: 0.35 / 0.51, 64 MiB: 0.31-0.32 /
+# 0.48-0.51 (no better than 32). The bench's step: full 0.75 -> 0.68 s, top-k 0.98 -> 0.83 s,
+# peak RSS within +24 MiB. (On the 2-core AMD EPYC, 8 and 16 MiB measured the same.)
+TILE_BYTES = 32 * 2**20
 GROUP_ROWS = 512  # student rows per group (the head weight streams past once per group)
 # Each tile's online-softmax step (row maxima, exp, sums, the rescale) through the C kernel
 # `sdft_softmax_tile` (sdft_lite/csrc/cpu_kernels.c) where it builds: one pass over the tile
@@ -47,7 +50,7 @@ def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec,
     Measured against the row-chunked loss it replaced (a [2 x 55, V] buffer per chunk), at vocab
     151,936, 500 rows, H 128, on the 2-core AMD EPYC: full vocabulary 1.05-1.12 vs 1.40-1.49 s;
     top-k 100 + tail within the machine's noise of the old one (1.05-1.5 vs 1.23-1.6 s, its merge
-    costs ~0.2-0.3 s); at most 16 MiB of buffers instead of 64-100 MiB (now `TILE_BYTES`, 8 MiB).
+    costs ~0.2-0.3 s); at most 16 MiB of buffers instead of 64-100 MiB (now `TILE_BYTES`).
     The matmuls take 1,000 rows at a time instead of 110 and run at the machine's 2048^3 matmul
     rate; that pays for the full vocabulary's extra [n, tile] x [tile, H] product.
     """

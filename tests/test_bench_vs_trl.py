@@ -39,7 +39,17 @@ def test_tiny_side_by_side_run_writes_one_row_per_tool(tmp_path):
     args = ["--vocab", "4096", "--completion", "8", "--steps", "1", "--warmup", "1", "--repeats", "1"]
     out = bench(*args, "--losses", "full", "--profile-tools", "", "--out", str(out_file))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = {r["tool"]: r for r in json.loads(out_file.read_text())["results"]}
+    written = json.loads(out_file.read_text())
+    rows = {r["tool"]: r for r in written["results"]}
+    # the floors use each rate's better measurement, before or after the runs
+    meta = written["meta"]
+    assert meta["matmul"]["matmul_flops"] == max(
+        meta["matmul_before"]["matmul_flops"], meta["matmul_after"]["matmul_flops"]
+    )
+    for key in ("decode_head_flops", "head_read_bytes"):
+        assert meta["matmul"][key]["4096"] == max(
+            meta["matmul_before"][key]["4096"], meta["matmul_after"][key]["4096"]
+        )
     assert set(rows) == {"sdft-lite", "trl"}
     ours, trl = rows["sdft-lite"], rows["trl"]
     for r in (ours, trl):
