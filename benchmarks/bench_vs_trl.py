@@ -36,11 +36,12 @@ spinning OpenMP threads make small ops several times slower, which would measure
 
 The floors. FLOP floor: matmul FLOPs of one step over this machine's matmul rate (best 2048^3
 torch.matmul, same run: measured before and after the runs, the higher rate kept, so that a slow
-spell during one measurement cannot lower the floor; every rate below likewise). Rollout: prompt + completion tokens x 2P, plus 2HV per token for the
-last-position head, plus causal attention; teacher forward over teacher prompt + completion with
-the head on completion positions; student forward + backward, where the backward of a frozen
-weight (the base layers and the tied head: no weight gradient) is one more product, the input's
-gradient, and that of the LoRA weights and of attention two. P = non-embedding weights incl. LoRA.
+spell during one measurement cannot lower the floor; every rate below likewise). Rollout: prompt
++ completion tokens x 2P, plus 2HV per token for the last-position head, plus causal attention;
+teacher forward over teacher prompt + completion with the head on completion positions; student
+forward + backward, where the backward of a frozen weight (the base layers and the tied head: no
+weight gradient) is one more product, the input's gradient, and that of the LoRA weights and of
+attention two. P = non-embedding weights incl. LoRA.
 Roofline floor: the same, with the rollout head priced at the larger of its FLOP time and the time
 to read its whole weight once per token at this machine's measured read rate (best `sum()` over
 the head itself): a bound on any exact implementation that reads the fp32 head, memory-bound on a
@@ -701,7 +702,11 @@ def main() -> None:
         ]
     else:
         configs = [(loss, a.vocab, a.completion) for loss in a.losses.split(",")]
-    rates = matmul_rates("cuda" if cuda else "cpu", a.dtype, sorted({v for _, v, _ in configs}))
+
+    def measure_rates() -> dict:
+        return matmul_rates("cuda" if cuda else "cpu", a.dtype, sorted({v for _, v, _ in configs}))
+
+    rates = measure_rates()
     heads = ", ".join(f"V={v}: {f / 1e9:.1f}" for v, f in rates["decode_head_flops"].items())
     reads = ", ".join(f"V={v}: {b / 1e9:.1f}" for v, b in rates["head_read_bytes"].items())
     print(
@@ -731,7 +736,7 @@ def main() -> None:
     # Measured again after the runs: a slow spell of a shared machine during one measurement would
     # otherwise give a low rate, so a low floor and a flattering time/floor. Each rate is the
     # better of the two measurements (the lower floor); both are kept in the JSON.
-    rates_after = matmul_rates("cuda" if cuda else "cpu", a.dtype, sorted({v for _, v, _ in configs}))
+    rates_after = measure_rates()
     rates_before, rates = rates, best_rates(rates, rates_after)
     profiles = {}
     for tool in [] if a.sweep else profiled:
