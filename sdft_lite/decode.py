@@ -12,6 +12,14 @@ from it by fp32 rounding only (tests/test_decode.py compares hidden states and s
 Anything else (other architectures, sliding windows that the rollout can reach, attention
 implementations other than sdpa/eager, an external cache format) keeps the generic forward:
 `LeanDecoder.supports` says which.
+
+Fused step (`FusedLayer`): where every linear layer of a small decoder is a plain fp32 weight (an
+`nn.Linear`, or a LoRA layer merged for the rollout by `sampling.merged_lora`) and its norms are
+the family's RMSNorm, a step runs on the raw weights with a third of the ops: one product for
+q, k, v and the rotated-half q, k (the rotation `rotate_half` is a signed permutation of each
+head's outputs, so it is folded into copies of the q and k rows: rotary is then two elementwise
+ops), one for gate and up, `F.rms_norm`, and the residual adds inside `addmm`. A decode step of
+such a model is per-op framework work, so the op count is its cost.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same in all four
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+# The fused step's weight copies (q, k, v and the rotated q, k rows; gate and up) at most this many
+# bytes for the whole decoder: it is for small decoders, whose steps are per-op overhead.
+FUSED_MAX_BYTES = 64 * 2**20
 
 
 def _preallocated(t: torch.Tensor, total: int) -> torch.Tensor:
@@ -29,6 +40,103 @@ def _preallocated(t: torch.Tensor, total: int) -> torch.Tensor:
     out = t.new_empty(t.shape[0], t.shape[1], total, t.shape[3])
     out[:, :, : t.shape[2]] = t
     return out
+
+
+def plain_linear(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(fp32 weight, bias) that `module(x)` computes `F.linear(x, weight, bias)` with, or None: an
+    `nn.Linear` without hooks, or a LoRA layer while `sampling.merged_lora` has merged it."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    merged = getattr(module, "sdft_merged", None)
+    if merged is not None:
+        weight, bias = merged
+    elif type(module) is torch.nn.Linear:
+        weight, bias = module.weight, module.bias
+    else:
+        return None
+    return (weight, bias) if weight.dtype == torch.float32 else None
+
+
+def plain_embedding(module) -> torch.Tensor | None:
+    """The fp32 weight of a plain `nn.Embedding` (no hooks, no max_norm), or None."""
+    if type(module) is not torch.nn.Embedding or module.max_norm is not None:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or module.weight.dtype != torch.float32:
+        return None
+    return module.weight
+
+
+def _rms_norm_of(module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of the family's RMSNorm (weight * x / sqrt(mean x^2 + eps), in fp32), or None."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not type(module).__name__.endswith("RMSNorm") or weight is None or eps is None:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or weight.dtype != torch.float32:
+        return None
+    return weight, float(eps)
+
+
+def _rotated_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows that give rotate_half of each head's outputs: rotate_half(x W^T) = x R(W)^T, with
+    R(W) each head's second half of rows negated, then its first half (exact in fp32)."""
+    w = weight.view(-1, 2, head_dim // 2, *weight.shape[1:])
+    return torch.cat([-w[:, 1:], w[:, :1]], dim=1).reshape(weight.shape)
+
+
+def _bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return weight.new_zeros(weight.shape[0]) if bias is None else bias
+
+
+def _residual(x: torch.Tensor, inputs: torch.Tensor, weight_t: torch.Tensor, bias) -> torch.Tensor:
+    """x + F.linear(inputs, weight, bias): one `addmm` without a bias."""
+    if bias is None:
+        return torch.addmm(x, inputs, weight_t)
+    return x + F.linear(inputs, weight_t.t(), bias)
+
+
+class FusedLayer:
+    """One decoder layer's weights for the fused step (module docstring), or `build` gives None."""
+
+    @classmethod
+    def build(cls, layer) -> FusedLayer | None:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(m is None for m in linears) or not callable(getattr(mlp, "act_fn", None)):
+            return None
+        plain = [plain_linear(m) for m in linears]
+        norms = [_rms_norm_of(layer.input_layernorm), _rms_norm_of(layer.post_attention_layernorm)]
+        qk_norms = [_rms_norm_of(getattr(attn, n)) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+        if any(p is None for p in plain + norms + qk_norms):
+            return None
+        return cls(attn, mlp, plain, norms, qk_norms)
+
+    def __init__(self, attn, mlp, plain, norms, qk_norms):
+        (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = plain
+        d = attn.head_dim
+        self.head_dim, self.scaling, self.act = d, attn.scaling, mlp.act_fn
+        self.q_heads, self.kv_heads = wq.shape[0] // d, wk.shape[0] // d
+        wqk = torch.cat([wq, wk])
+        self.w_qkv = torch.cat([wqk, _rotated_rows(wqk, d), wv])
+        self.b_qkv = None
+        if bq is not None or bk is not None or bv is not None:
+            bqk = torch.cat([_bias(wq, bq), _bias(wk, bk)])
+            self.b_qkv = torch.cat([bqk, _rotated_rows(bqk, d), _bias(wv, bv)])
+        self.wo_t, self.bo, self.wd_t, self.bd = wo.t(), bo, wd.t(), bd
+        self.w_gate_up = torch.cat([wg, wu])
+        self.b_gate_up = None if bg is None and bu is None else torch.cat([_bias(wg, bg), _bias(wu, bu)])
+        self.intermediate = wg.shape[0]
+        (self.w_in, self.eps_in), (self.w_post, self.eps_post) = norms
+        self.qk_norm = None
+        if qk_norms:  # per head, before rotary: the rotated rows take the weight permuted alike
+            (wqn, eps), (wkn, _) = qk_norms
+            heads = torch.cat([wqn.expand(self.q_heads, d), wkn.expand(self.kv_heads, d)])
+            halves = heads.view(-1, 2, d // 2)
+            rotated = torch.cat([halves[:, 1:], halves[:, :1]], dim=1).reshape(heads.shape)
+            self.qk_norm = (torch.cat([heads, rotated]), float(eps))
+
+    def nbytes(self) -> int:
+        return (self.w_qkv.numel() + self.w_gate_up.numel()) * 4
 
 
 class LeanDecoder:
@@ -66,8 +174,61 @@ class LeanDecoder:
         probe = self.keys[0].new_empty(1)
         self.cos, self.sin = decoder.rotary_emb(probe, positions)  # [B, T, head dim]
         self.width, self.steps = width, 0
+        self.fused = self._fused_layers(decoder)
+        if self.fused is not None:  # [T, B, 1, head dim]: step s's tables are [B, 1, d] views
+            self.cos_steps, self.sin_steps = (t.transpose(0, 1)[:, :, None] for t in (self.cos, self.sin))
+
+    def _fused_layers(self, decoder) -> list[FusedLayer] | None:
+        embed, norm = plain_embedding(decoder.embed_tokens), _rms_norm_of(decoder.norm)
+        if embed is None or norm is None:
+            return None
+        layers, total = [], 0
+        for layer in self.layers:
+            fused = FusedLayer.build(layer)
+            if fused is None:
+                return None
+            total += fused.nbytes()
+            if total > FUSED_MAX_BYTES:
+                return None
+            layers.append(fused)
+        self.embed, self.final_norm = embed, norm
+        return layers
+
+    def _fused_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        s = self.steps
+        at = self.width + s
+        cos, sin = self.cos_steps[s], self.sin_steps[s]  # [B, 1, d]
+        x = F.embedding(tokens, self.embed)  # [B, H]
+        rows, hidden = x.shape
+        for i, f in enumerate(self.fused):
+            d, heads = f.head_dim, f.q_heads + f.kv_heads
+            h = F.rms_norm(x, (hidden,), f.w_in, f.eps_in)
+            qkv = F.linear(h, f.w_qkv, f.b_qkv)
+            both = qkv[:, : 2 * heads * d].view(rows, 2 * heads, d)  # q, k, then their rotated halves
+            if f.qk_norm is not None:
+                both = F.rms_norm(both, (d,), None, f.qk_norm[1]).mul_(f.qk_norm[0])
+            rotated = torch.addcmul(both[:, :heads] * cos, both[:, heads:], sin)  # [B, heads, d]
+            self.keys[i][:, :, at] = rotated[:, f.q_heads :]
+            self.values[i][:, :, at] = qkv[:, 2 * heads * d :].view(rows, f.kv_heads, d)
+            out = F.scaled_dot_product_attention(
+                rotated[:, : f.q_heads, None],
+                self.keys[i][:, :, : at + 1],
+                self.values[i][:, :, : at + 1],
+                attn_mask=self.attend[..., : at + 1],
+                scale=f.scaling,
+                enable_gqa=True,
+            )
+            x = _residual(x, out.view(rows, -1), f.wo_t, f.bo)
+            h = F.rms_norm(x, (hidden,), f.w_post, f.eps_post)
+            gate_up = F.linear(h, f.w_gate_up, f.b_gate_up)
+            act = f.act(gate_up[:, : f.intermediate]).mul_(gate_up[:, f.intermediate :])
+            x = _residual(x, act, f.wd_t, f.bd)
+        self.steps += 1
+        return F.rms_norm(x, (hidden,), *self.final_norm)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self._fused_step(tokens)
         s = self.steps
         at = self.width + s  # the cache column of this token
         cos, sin = self.cos[:, s : s + 1], self.sin[:, s : s + 1]  # [B, 1, head dim]

@@ -3,9 +3,9 @@
 One source, `csrc/cpu_kernels.c`, two kernels, each on a thread per core:
 - `sdft_int8_probs`: the int8 proposal's probabilities (`sampling.Int8Proposal`) in one pass over
   the int8 head copy (packed in groups of 16 ids, `sampling.pack_int8_rows`): int16 x int8 dot
-  products with exact int32 sums (AVX-512 VNNI `vpdpwssd` where the CPU has it, else AVX-512BW or
-  AVX2 `vpmaddwd`, else scalar C), the fp32 outlier columns, exp and the block masses of the
-  two-level sampler;
+  products with exact int32 sums (AMX int8 tiles where the CPU has them and Linux grants them,
+  each int16 split into two bytes; else AVX-512 VNNI `vpdpwssd`, AVX-512BW or AVX2 `vpmaddwd`,
+  or scalar C), the fp32 outlier columns, exp and the block masses of the two-level sampler;
 - `sdft_softmax_tile`: one vocabulary tile of the distillation loss's online softmax
   (`tiled_loss`): row maxima, exp, sums and the rescale of earlier sums in one pass over the tile.
 Where no compiler is found or `SDFT_LITE_KERNELS=0`, both run as PyTorch ops instead (slower; the
@@ -93,6 +93,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sdft_exp_max_error.argtypes = [ctypes.c_float, ctypes.c_float]
     lib.sdft_simd.restype = ctypes.c_int
     lib.sdft_simd.argtypes = []
+    lib.sdft_int8_layout.restype = ctypes.c_int
+    lib.sdft_int8_layout.argtypes = []
     return lib
 
 
@@ -134,7 +136,14 @@ def _build(cc: str, target: Path, extra_flags: tuple[str, ...] = ()) -> Path | N
     return target
 
 
-SIMD_PATHS = {3: "AVX-512 VNNI", 2: "AVX-512BW", 11: "AVX2 + AVX-VNNI", 1: "AVX2", 0: "scalar C"}
+SIMD_PATHS = {
+    4: "AMX int8 + AVX-512",
+    3: "AVX-512 VNNI",
+    2: "AVX-512BW",
+    11: "AVX2 + AVX-VNNI",
+    1: "AVX2",
+    0: "scalar C",
+}
 
 
 def simd() -> str | None:

@@ -342,12 +342,13 @@ PROPOSAL_STATS: collections.Counter = collections.Counter()  # rows sampled, dra
 _INT8_HEADS: list = []  # the last head quantized: (weakref to its weight, its version, the Int8Proposal)
 
 
-def pack_int8_rows(q: torch.Tensor) -> torch.Tensor:
-    """int8 rows [16 n, width] -> the C kernel's layout [n, width / 2, 16, 2]: groups of 16 ids,
-    and within a group, for each pair of columns, each id's two weights side by side (see
+def pack_int8_rows(q: torch.Tensor, per: int = 2) -> torch.Tensor:
+    """int8 rows [16 n, width] -> the C kernel's layout [n, width / per, 16, per]: groups of 16
+    ids, and within a group, for each run of `per` columns, each id's `per` weights side by side
+    (`sdft_int8_layout`: 2 for the AVX paths' int16 pairs, 4 for AMX tiles; see
     `sdft_lite/csrc/cpu_kernels.c`)."""
     groups, width = q.shape[0] // 16, q.shape[1]
-    return q.view(groups, 16, width // 2, 2).permute(0, 2, 1, 3)
+    return q.view(groups, 16, width // per, per).permute(0, 2, 1, 3)
 
 
 class Int8Proposal:
@@ -387,7 +388,10 @@ class Int8Proposal:
     the bench, 96.2 % before). The kernel reads the int8 rows packed in groups of 16 ids
     (`pack_int8_rows`), so each multiply-add yields 16 ids' partial sums with no reduction across
     lanes (AVX-512 VNNI where there is one: 0.55-1.2 ms against 1.0-1.65 ms for the row-major
-    AVX2 kernel on the 2-core Intel Xeon); that copy replaces the row-major one.
+    AVX2 kernel on the 2-core Intel Xeon); that copy replaces the row-major one. Where the CPU
+    has AMX (`kernels.simd()`), the groups hold 4 columns per id instead of 2, one [16, 64]
+    weight tile each 64 columns: 4 / 8 / 16 rows 0.66 / 0.81 / 1.14 ms per token against 0.70 /
+    1.28 / 2.48 for VNNI on the Intel Xeon (at 4 rows the read of the int8 copy bounds both).
 
     So exp(logit_v) <= exp(approx_v + E) for every token, and rejection sampling is exact: a
     token v drawn from softmax(approx / T) is accepted with probability exp((h W_v - approx_v
@@ -420,12 +424,16 @@ class Int8Proposal:
         exact_t[:, :vocab] = weight[:, self.exact_columns].t()
         self.exact_padded, self.exact_t = exact_t, exact_t[:, :vocab]  # [|K|, stride], [|K|, V]
         # The int8 rows span every column, zero in the exact ones, padded with zero columns to a
-        # multiple of 32 (the kernel's vector loads need it): the bf16 input is then h itself.
-        self.width = width = -(-hidden // 32) * 32
+        # multiple of 32 (the kernel's vector loads need it; 64 for its AMX tiles): the bf16
+        # input is then h itself.
+        self.layout = self.kernel.sdft_int8_layout() if self.kernel is not None else 2
+        self.width = width = -(-hidden // (16 * self.layout)) * 16 * self.layout
         if self.kernel is None:
             self.q = torch.zeros(vocab, width, dtype=torch.int8)
         else:
-            self.q_packed = torch.zeros(self.stride // 16, width // 2, 16, 2, dtype=torch.int8)
+            self.q_packed = torch.zeros(
+                self.stride // 16, width // self.layout, 16, self.layout, dtype=torch.int8
+            )
         self.scales = torch.empty(vocab, dtype=torch.bfloat16)
         keep = (~is_exact).float()
         rest_max = error_max = copy_max = exact_max = row_max = 0.0
@@ -443,7 +451,9 @@ class Int8Proposal:
             else:  # INT8_BUILD_ROWS is a multiple of 16: whole groups
                 rows_q = torch.zeros(-(-len(w) // 16) * 16, width, dtype=torch.int8)
                 rows_q[: len(w), :hidden] = q.to(torch.int8)
-                self.q_packed[start // 16 : start // 16 + len(rows_q) // 16] = pack_int8_rows(rows_q)
+                self.q_packed[start // 16 : start // 16 + len(rows_q) // 16] = pack_int8_rows(
+                    rows_q, self.layout
+                )
             self.scales[start : start + len(w)] = scale
             rest_max = max(rest_max, w.norm(dim=1).max().item())
             error_max = max(error_max, (w - copy).norm(dim=1).max().item())
@@ -471,7 +481,8 @@ class Int8Proposal:
         if self.kernel is not None:
             self.scales32 = torch.zeros(self.stride)
             self.scales32[:vocab] = self.scales.float()
-            self.act_max = min(32767, (2**31 - 1) // (127 * width))
+            # (columns past the first multiple of 32 are zero: the AMX padding leaves it alone)
+            self.act_max = min(32767, (2**31 - 1) // (127 * -(-hidden // 32) * 32))
             self._keep = (~is_exact).numpy()
             self._exact_np = self.exact_columns.numpy()
             self.row_max = row_max
@@ -764,16 +775,19 @@ def merged_lora(model):
                 m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A
             )
             m.forward = lambda x, w=weight, b=m.base_layer.bias: F.linear(x, w, b)
+            m.sdft_merged = (weight, m.base_layer.bias)  # for `decode.plain_linear`
     try:
         yield
     finally:
         for m in layers:
             del m.forward  # back to the class's forward
+            del m.sdft_merged
 
 
 # Decode steps by `decode.LeanDecoder` on CPU where it supports the model. Measured on the 2-core
 # CPU, 4 rows x 128 tokens, the bench's 2-layer model with a 152k head: 0.91 -> 0.74 s per rollout,
-# the same tokens. Not enabled on GPU: not measured there yet.
+# the same tokens; its fused step (merged LoRA, plain fp32 weights): decode steps 0.101 -> 0.074 s
+# of the rollout (Intel Xeon). Not enabled on GPU: not measured there yet.
 LEAN_DECODE = True
 
 TINY_DECODE_STEP_FLOPS = 50e6

@@ -68,8 +68,9 @@ def _prompts():
     return ids, (ids != 0).long()
 
 
-def _generic_and_lean(model, steps: int = 6, samples: int = 2):
-    """Hidden states of the same decode steps: the generic forward vs `LeanDecoder.step`."""
+def _generic_and_lean(model, steps: int = 6, samples: int = 2, fused: bool | None = None):
+    """Hidden states of the same decode steps: the generic forward vs `LeanDecoder.step`
+    (`fused`: whether the lean decoder must, or must not, take the fused step)."""
     from sdft_lite.models import causal_lm
 
     decoder = causal_lm(model).get_decoder()
@@ -89,6 +90,8 @@ def _generic_and_lean(model, steps: int = 6, samples: int = 2):
     next_pos = mask.sum(-1, keepdim=True)
     assert LeanDecoder.supports(decoder, mask.shape[1] + steps)
     lean = LeanDecoder(decoder, caches[1], mask, next_pos, steps)
+    if fused is not None:
+        assert (lean.fused is not None) == fused
     tokens = torch.randint(1, 50, (steps, mask.shape[0]), generator=torch.Generator().manual_seed(1))
     generic, ours = [], []
     for step in range(steps):
@@ -112,9 +115,33 @@ def test_lean_step_gives_the_generic_hidden_states(arch):
     torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
 
 
-def test_lean_step_with_eager_attention_and_without_an_adapter():
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_fused_step_with_merged_lora_gives_the_generic_hidden_states(arch):
+    """Under `merged_lora` every linear is a plain fp32 weight: the fused step runs, and matches
+    the generic forward of the unmerged adapter."""
+    model = _model(arch)
     with torch.no_grad():
-        generic, ours = _generic_and_lean(_model("qwen2", lora=False, attn="eager"))
+        generic, _ = _generic_and_lean(model, fused=False)  # LoRA not merged: the module step
+        with sampling.merged_lora(model):
+            _, ours = _generic_and_lean(model, fused=True)
+    assert generic.abs().mean() > 0.1
+    torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
+    assert not any(hasattr(m, "sdft_merged") for m in model.modules())  # merged_lora cleaned up
+
+
+def test_rotated_rows_give_rotate_half():
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from sdft_lite.decode import _rotated_rows
+
+    w, x = torch.randn(3 * 8, 5), torch.randn(2, 5)  # 3 heads of 8
+    ours = (x @ _rotated_rows(w, 8).t()).view(2, 3, 8)
+    assert torch.equal(ours, rotate_half((x @ w.t()).view(2, 3, 8)))
+
+
+def test_lean_step_with_eager_attention_and_without_an_adapter():
+    with torch.no_grad():  # plain nn.Linear layers: the fused step
+        generic, ours = _generic_and_lean(_model("qwen2", lora=False, attn="eager"), fused=True)
     torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
 
 
@@ -126,8 +153,8 @@ def test_lean_step_on_a_4bit_model_with_lora():
     )
     model = _model("llama", quantization_config=quant)
     assert any("4bit" in type(m).__name__ for m in model.modules())
-    with torch.no_grad():
-        generic, ours = _generic_and_lean(model)
+    with torch.no_grad(), sampling.merged_lora(model):  # not merged (quantized base): the module step
+        generic, ours = _generic_and_lean(model, fused=False)
     torch.testing.assert_close(ours, generic, atol=1e-4, rtol=1e-4)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_model
@@ -399,9 +400,15 @@ def test_int8_kernel_probabilities_are_within_their_bound(vocab, hidden, outlier
         (("-mno-avx512f",), {"AVX2", "AVX2 + AVX-VNNI"}),  # on an AVX-512 CPU: the AVX2 path
         (("-mno-avx512f", "-mno-avxvnni"), {"AVX2"}),
         (("-march=x86-64",), {"scalar C"}),  # no AVX2: the scalar C path
+        # on a CPU with AMX (this build's path, if Linux grants the tiles): the AVX-512 path
+        (
+            ("-mno-amx-tile", "-mno-amx-int8"),
+            {"AVX-512 VNNI", "AVX-512BW", "AVX2", "AVX2 + AVX-VNNI", "scalar C"},
+        ),
     ],
 )
-def test_int8_kernel_vector_paths_agree(flags, paths, monkeypatch, tmp_path):
+@pytest.mark.parametrize("rows", [6, 21])  # 21: AMX takes two blocks of rows (16, then 5 padded to 8)
+def test_int8_kernel_vector_paths_agree(flags, paths, rows, monkeypatch, tmp_path):
     """Every vector path of the int8 kernel (built here with the other paths' flags) gives the
     same probabilities as this machine's own build, bit for bit (exact integer sums, the same fp32
     operations per lane), and the same block masses up to the order of their sums."""
@@ -416,13 +423,15 @@ def test_int8_kernel_vector_paths_agree(flags, paths, monkeypatch, tmp_path):
     assert kernels.SIMD_PATHS[variant.sdft_simd()] in paths
     monkeypatch.setattr(sampling, "SAMPLE_BLOCK", 512)
     w = _head(5003, 72, seed=4, outlier=True)  # 5003: a partial last group; 72: rows padded to 96
-    h = torch.randn(6, 72, generator=torch.Generator().manual_seed(5)) * 3.0
+    h = torch.randn(rows, 72, generator=torch.Generator().manual_seed(5)) * 3.0
+    h[0] *= 1e3  # activations up to the int16 limit: every byte of the AMX path's split in use
     results = []
     for lib in (native, variant):
         monkeypatch.setattr(kernels, "_LIBRARY", [lib])
         proposal = sampling.Int8Proposal(w)
         act, scale, hk, _ = proposal.kernel_inputs(h, 0.7)
-        results.append([t.clone() for t in proposal.kernel_probs(act, scale, hk, 6, 0.7)])
+        assert np.abs(act).max() == proposal.act_max and (act < 0).any()
+        results.append([t.clone() for t in proposal.kernel_probs(act, scale, hk, rows, 0.7)])
     (probs, mass), (probs_v, mass_v) = results
     assert torch.equal(probs, probs_v)
     torch.testing.assert_close(mass_v, mass, rtol=1e-5, atol=0)

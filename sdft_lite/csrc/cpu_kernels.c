@@ -23,7 +23,8 @@
  * sums come out one id per lane, with no reduction across lanes. The vocabulary is padded with
  * zero rows to a multiple of 32 ids (two groups per step), scale and exact to the same `stride`.
  * Integer sums are exact, so every path gives the same D, and (the same fp32 operations per
- * lane) the same probabilities.
+ * lane) the same probabilities. The AMX path (run_range_amx) reads four weights of each id side
+ * by side instead of two (`sdft_int8_layout`), the width padded to a multiple of 64.
  */
 #include <math.h>
 #include <pthread.h>
@@ -34,6 +35,12 @@
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define SDFT_AVX512 1
+#endif
+#if defined(SDFT_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define SDFT_AMX 1
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #define CHUNK 256 /* vocabulary ids per pass of exp (their logits stay in L1) */
@@ -131,9 +138,32 @@ static inline float vf_sum(vf x) {
 }
 #endif
 
-/* The vector path of this build: 3 AVX-512 (VNNI), 2 AVX-512 (BW), 1 AVX2, 0 scalar; +10 where
- * the AVX2 path has AVX-VNNI. */
+#ifdef SDFT_AMX
+/* Whether this process may use the AMX tiles: Linux hands out their state on request only
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), and a tile instruction before that
+ * faults. Asked once; a kernel or VM that refuses it gets the AVX-512 path. */
+static int amx_usable(void) {
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return state;
+}
+#endif
+
+/* The int8 head's packing (`pack_int8_rows`): 4 where the AMX path runs (the weights of each id
+ * for 4 columns side by side, width a multiple of 64), else 2 (pairs, width a multiple of 32). */
+int sdft_int8_layout(void) {
+#ifdef SDFT_AMX
+    if (amx_usable()) return 4;
+#endif
+    return 2;
+}
+
+/* The vector path of this build: 4 AMX int8 (with AVX-512), 3 AVX-512 (VNNI), 2 AVX-512 (BW),
+ * 1 AVX2, 0 scalar; +10 where the AVX2 path has AVX-VNNI. */
 int sdft_simd(void) {
+#ifdef SDFT_AMX
+    if (amx_usable()) return 4;
+#endif
 #if defined(SDFT_AVX512) && defined(__AVX512VNNI__)
     return 3;
 #elif defined(SDFT_AVX512)
@@ -238,6 +268,8 @@ typedef struct {
     float *mass;           /* [rows, blocks] */
     int64_t vocab, stride, width, k, rows, block, chunk, v0, v1;
     float inv_t;
+    const uint8_t *act_lo; /* AMX: [rows4, width], the low bytes of act (unsigned) */
+    const int8_t *act_hi;  /* AMX: [rows4, width], the high bytes (signed): act = 256 hi + lo */
 } job_t;
 
 /* Row b's activations of column pair p as one int32 (the two int16 side by side). */
@@ -347,6 +379,71 @@ static void *run_range(void *arg) {
     return NULL;
 }
 
+#ifdef SDFT_AMX
+/* The AMX path: for up to 16 rows at a time and each group of 16 ids, D = 256 D_hi + D_lo with
+ * D_lo = act_lo . q (unsigned x signed bytes, `tdpbusd`) and D_hi = act_hi . q (signed x signed,
+ * `tdpbssd`), exact int32 sums over 64 columns per tile product, the weights read as one [16, 64]
+ * tile per 64 columns (layout 4: qa[((g * width / 4 + c) * 16 + j) * 4 + e] = q[16 g + j, 4 c + e]).
+ * 256 D_hi + D_lo is taken modulo 2^32, so it is D exactly (which fits int32) even where 256 D_hi
+ * alone would not. Then the same fp32 operations per id as `logits4`: the same probabilities. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config_t;
+
+static void *run_range_amx(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    const int64_t chunks = j->width / 64, rows4 = (j->rows + 3) / 4 * 4;
+    float logits[16][CHUNK];
+    int32_t d_lo[16][GROUP], d_hi[16][GROUP];
+    int64_t blocks = (j->vocab + j->block - 1) / j->block;
+    for (int64_t b0 = 0; b0 < j->rows; b0 += 16) {
+        int m = (int)(rows4 - b0 < 16 ? rows4 - b0 : 16), live = (int)(j->rows - b0 < m ? j->rows - b0 : m);
+        tile_config_t cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 4; t++) cfg.colsb[t] = 64, cfg.rows[t] = (uint8_t)m; /* D_lo, D_hi, A_lo, A_hi */
+        cfg.colsb[4] = 64, cfg.rows[4] = 16;                                        /* the weights */
+        _tile_loadconfig(&cfg);
+        const uint8_t *lo = j->act_lo + b0 * j->width;
+        const int8_t *hi = j->act_hi + b0 * j->width;
+        for (int64_t start = j->v0; start < j->v1; start += j->chunk) {
+            int64_t end = start + j->chunk < j->v1 ? start + j->chunk : j->v1;
+            for (int64_t v = start; v < end; v += GROUP) {
+                const int8_t *w = j->q + (v / GROUP) * j->width * GROUP;
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int64_t c = 0; c < chunks; c++) {
+                    _tile_loadd(2, lo + 64 * c, j->width);
+                    _tile_loadd(3, hi + 64 * c, j->width);
+                    _tile_loadd(4, w + c * 64 * GROUP, 64);
+                    _tile_dpbusd(0, 2, 4);
+                    _tile_dpbssd(1, 3, 4);
+                }
+                _tile_stored(0, d_lo, 4 * GROUP);
+                _tile_stored(1, d_hi, 4 * GROUP);
+                for (int b = 0; b < live; b++) {
+                    const float r = j->act_scale[b0 + b];
+                    const float *hk = j->hk + (b0 + b) * j->k;
+                    vi d = vi_add(vi_shl(vi_load(d_hi[b]), 8), vi_load(d_lo[b]));
+                    vf y = vf_mul(vf_of_vi(d), vf_mul(vf_load(j->scale + v), vf_set1(r)));
+                    for (int64_t c = 0; c < j->k; c++)
+                        y = vf_fmadd(vf_set1(hk[c]), vf_load(j->exact + c * j->stride + v), y);
+                    vf_store(&logits[b][v - start], y);
+                }
+            }
+            for (int b = 0; b < live; b++) {
+                float s = exp_run(logits[b], j->probs + (b0 + b) * j->vocab + start, end - start, j->inv_t);
+                j->mass[(b0 + b) * blocks + start / j->block] += s;
+            }
+        }
+        _tile_release();
+    }
+    return NULL;
+}
+#endif
+
 /* Fills probs [rows, vocab] and mass [rows, ceil(vocab / block)] (zeroed here) using `threads`
  * threads, each a run of whole blocks. q: the packed head (above), `stride` ids (vocab rounded up
  * to 32) of width / 2 column pairs; scale [stride] and exact [k, stride] padded alike. block: a
@@ -357,21 +454,45 @@ int sdft_int8_probs(const int8_t *q, const float *scale, const float *exact, con
                     int64_t stride, int64_t width, int64_t k, int64_t rows, int64_t block, float inv_t,
                     int threads) {
     int64_t chunk = block < CHUNK ? block : CHUNK;
-    if (width % 32 || block < 1 || block % chunk || chunk % (2 * GROUP) || rows < 1 || threads < 1 ||
+    const int layout = sdft_int8_layout();
+    if (width % (16 * layout) || block < 1 || block % chunk || chunk % (2 * GROUP) || rows < 1 || threads < 1 ||
         stride % (2 * GROUP) || stride < vocab || vocab < 1 || k < 0)
         return -1;
     int64_t blocks = (vocab + block - 1) / block;
     memset(mass, 0, sizeof(float) * rows * blocks);
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = (int)blocks;
+    uint8_t *split = NULL;
+#ifdef SDFT_AMX
+    int64_t n = (rows + 3) / 4 * 4 * width;
+    if (layout == 4) {
+        split = (uint8_t *)malloc(2 * n);
+        if (split == NULL) return -1;
+        for (int64_t i = 0; i < n; i++) {
+            split[i] = (uint8_t)(act[i] & 0xFF);
+            split[n + i] = (uint8_t)(int8_t)(act[i] >> 8); /* arithmetic shift: -32768..32767 -> -128..127 */
+        }
+    }
+#endif
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
-        job_t j = {q, scale, exact, act, act_scale, hk, probs, mass, vocab, stride, width, k, rows, block, chunk, 0, 0, inv_t};
+        job_t j = {q, scale, exact, act, act_scale, hk, probs, mass, vocab, stride, width, k, rows, block, chunk, 0, 0, inv_t,
+                   NULL, NULL};
         j.v0 = (blocks * t / threads) * block;
         j.v1 = (blocks * (t + 1) / threads) * block;
         if (j.v1 > vocab) j.v1 = vocab;
+#ifdef SDFT_AMX
+        if (split != NULL) j.act_lo = split, j.act_hi = (const int8_t *)(split + n);
+#endif
         jobs[t] = j;
     }
+#ifdef SDFT_AMX
+    if (split != NULL) {
+        run_parallel(run_range_amx, jobs, sizeof(job_t), threads);
+        free(split);
+        return 0;
+    }
+#endif
     run_parallel(run_range, jobs, sizeof(job_t), threads);
     return 0;
 }
