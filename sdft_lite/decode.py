@@ -98,7 +98,9 @@ class FusedLayer:
     """One decoder layer's weights for the fused step (module docstring), or `build` gives None."""
 
     @classmethod
-    def build(cls, layer) -> FusedLayer | None:
+    def build(cls, layer, room: int) -> FusedLayer | None:
+        """The layer's fused weights, or None: a layer that is not all plain, or whose copies
+        would take more than `room` bytes (checked before any copy is made)."""
         attn, mlp = layer.self_attn, layer.mlp
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -109,7 +111,16 @@ class FusedLayer:
         qk_norms = [_rms_norm_of(getattr(attn, n)) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
         if any(p is None for p in plain + norms + qk_norms):
             return None
+        (wq, _), (wk, _), (wv, _), _, (wg, _), (wu, _), _ = plain
+        if cls.copy_bytes(wq, wk, wv, wg, wu) > room:
+            return None
         return cls(attn, mlp, plain, norms, qk_norms)
+
+    @staticmethod
+    def copy_bytes(wq, wk, wv, wg, wu) -> int:
+        """Bytes of the fused copies: q and k rows twice (plain and rotated), v, gate and up."""
+        rows = 2 * (wq.shape[0] + wk.shape[0]) + wv.shape[0] + wg.shape[0] + wu.shape[0]
+        return rows * wq.shape[1] * wq.element_size()
 
     def __init__(self, attn, mlp, plain, norms, qk_norms):
         (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = plain
@@ -136,7 +147,7 @@ class FusedLayer:
             self.qk_norm = (torch.cat([heads, rotated]), float(eps))
 
     def nbytes(self) -> int:
-        return (self.w_qkv.numel() + self.w_gate_up.numel()) * 4
+        return (self.w_qkv.numel() + self.w_gate_up.numel()) * self.w_qkv.element_size()
 
 
 class LeanDecoder:
@@ -184,12 +195,10 @@ class LeanDecoder:
             return None
         layers, total = [], 0
         for layer in self.layers:
-            fused = FusedLayer.build(layer)
+            fused = FusedLayer.build(layer, FUSED_MAX_BYTES - total)
             if fused is None:
                 return None
             total += fused.nbytes()
-            if total > FUSED_MAX_BYTES:
-                return None
             layers.append(fused)
         self.embed, self.final_norm = embed, norm
         return layers

@@ -129,6 +129,25 @@ def test_fused_step_with_merged_lora_gives_the_generic_hidden_states(arch):
     assert not any(hasattr(m, "sdft_merged") for m in model.modules())  # merged_lora cleaned up
 
 
+def test_fused_step_stays_within_its_byte_cap(monkeypatch):
+    """Copies over `FUSED_MAX_BYTES` for the whole decoder: the module step, with no layer's
+    copy made past the cap; the cap checks what the copies really take."""
+    import sdft_lite.decode as decode
+    from sdft_lite.decode import FusedLayer
+
+    model = _model("qwen2", lora=False)
+    layer = model.model.layers[0]
+    fused = FusedLayer.build(layer, 2**40)
+    attn, mlp = layer.self_attn, layer.mlp
+    weights = [m.weight for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)]
+    assert fused.nbytes() == FusedLayer.copy_bytes(*weights)
+    assert FusedLayer.build(layer, fused.nbytes() - 1) is None
+    monkeypatch.setattr(decode, "FUSED_MAX_BYTES", 2 * fused.nbytes() - 1)  # one layer fits, not two
+    with torch.no_grad():
+        generic, ours = _generic_and_lean(model, fused=False)
+    torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
+
+
 def test_rotated_rows_give_rotate_half():
     from transformers.models.llama.modeling_llama import rotate_half
 
