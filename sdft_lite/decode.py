@@ -42,10 +42,14 @@ def _preallocated(t: torch.Tensor, total: int) -> torch.Tensor:
     return out
 
 
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def plain_linear(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(fp32 weight, bias) that `module(x)` computes `F.linear(x, weight, bias)` with, or None: an
     `nn.Linear` without hooks, or a LoRA layer while `sampling.merged_lora` has merged it."""
-    if module._forward_hooks or module._forward_pre_hooks:
+    if _hooked(module):
         return None
     merged = getattr(module, "sdft_merged", None)
     if merged is not None:
@@ -61,7 +65,7 @@ def plain_embedding(module) -> torch.Tensor | None:
     """The fp32 weight of a plain `nn.Embedding` (no hooks, no max_norm), or None."""
     if type(module) is not torch.nn.Embedding or module.max_norm is not None:
         return None
-    if module._forward_hooks or module._forward_pre_hooks or module.weight.dtype != torch.float32:
+    if _hooked(module) or module.weight.dtype != torch.float32:
         return None
     return module.weight
 
@@ -71,16 +75,18 @@ def _rms_norm_of(module) -> tuple[torch.Tensor, float] | None:
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not type(module).__name__.endswith("RMSNorm") or weight is None or eps is None:
         return None
-    if module._forward_hooks or module._forward_pre_hooks or weight.dtype != torch.float32:
+    if _hooked(module) or weight.dtype != torch.float32:
         return None
     return weight, float(eps)
 
 
-def _rotated_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+def _rotated_rows(weight: torch.Tensor, head_dim: int, negate: bool = True) -> torch.Tensor:
     """The rows that give rotate_half of each head's outputs: rotate_half(x W^T) = x R(W)^T, with
-    R(W) each head's second half of rows negated, then its first half (exact in fp32)."""
+    R(W) each head's second half of rows negated, then its first half (exact in fp32); with
+    `negate=False`, the same permutation alone (for per-head weights that follow the rows)."""
     w = weight.view(-1, 2, head_dim // 2, *weight.shape[1:])
-    return torch.cat([-w[:, 1:], w[:, :1]], dim=1).reshape(weight.shape)
+    second = -w[:, 1:] if negate else w[:, 1:]
+    return torch.cat([second, w[:, :1]], dim=1).reshape(weight.shape)
 
 
 def _bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -142,8 +148,7 @@ class FusedLayer:
         if qk_norms:  # per head, before rotary: the rotated rows take the weight permuted alike
             (wqn, eps), (wkn, _) = qk_norms
             heads = torch.cat([wqn.expand(self.q_heads, d), wkn.expand(self.kv_heads, d)])
-            halves = heads.view(-1, 2, d // 2)
-            rotated = torch.cat([halves[:, 1:], halves[:, :1]], dim=1).reshape(heads.shape)
+            rotated = _rotated_rows(heads.reshape(-1), d, negate=False).view(heads.shape)
             self.qk_norm = (torch.cat([heads, rotated]), float(eps))
 
     def nbytes(self) -> int:

@@ -333,6 +333,17 @@ static void dots4x32(const job_t *j, int64_t g, const int16_t *a, int32_t d[4][3
 
 /* The logits of rows b0..b0+3 for ids start..end-1 (start a multiple of 32) into
  * logits[b][v - start]; ids up to end rounded up to 32 are computed (zero rows, in the padding). */
+#ifdef VL
+/* The logits of row `row` for the VL ids from v, their integer sums in d: L = fl(fl(D) fl(s_v r))
+ * plus the exact columns' fused multiply-adds. Every vector path (and the AMX one) takes this. */
+static inline void logits_vec(const job_t *j, int64_t row, int64_t v, vi d, float *out) {
+    const float *hk = j->hk + row * j->k;
+    vf y = vf_mul(vf_of_vi(d), vf_mul(vf_load(j->scale + v), vf_set1(j->act_scale[row])));
+    for (int64_t c = 0; c < j->k; c++) y = vf_fmadd(vf_set1(hk[c]), vf_load(j->exact + c * j->stride + v), y);
+    vf_store(out, y);
+}
+#endif
+
 static void logits4(const job_t *j, int64_t b0, int64_t start, int64_t end, float logits[4][CHUNK]) {
     const int16_t *a = j->act + b0 * j->width;
     int32_t d[4][32];
@@ -344,12 +355,7 @@ static void logits4(const job_t *j, int64_t b0, int64_t start, int64_t end, floa
             float *out = &logits[b][v - start];
             int i = 0;
 #ifdef VL
-            for (; i < 2 * GROUP; i += VL) {
-                vf y = vf_mul(vf_of_vi(vi_load(d[b] + i)), vf_mul(vf_load(j->scale + v + i), vf_set1(r)));
-                for (int64_t c = 0; c < j->k; c++)
-                    y = vf_fmadd(vf_set1(hk[c]), vf_load(j->exact + c * j->stride + v + i), y);
-                vf_store(out + i, y);
-            }
+            for (; i < 2 * GROUP; i += VL) logits_vec(j, b0 + b, v + i, vi_load(d[b] + i), out + i);
 #endif
             for (; i < 2 * GROUP; i++) {
                 float y = (float)d[b][i] * (j->scale[v + i] * r);
@@ -423,15 +429,9 @@ static void *run_range_amx(void *arg) {
                 }
                 _tile_stored(0, d_lo, 4 * GROUP);
                 _tile_stored(1, d_hi, 4 * GROUP);
-                for (int b = 0; b < live; b++) {
-                    const float r = j->act_scale[b0 + b];
-                    const float *hk = j->hk + (b0 + b) * j->k;
-                    vi d = vi_add(vi_shl(vi_load(d_hi[b]), 8), vi_load(d_lo[b]));
-                    vf y = vf_mul(vf_of_vi(d), vf_mul(vf_load(j->scale + v), vf_set1(r)));
-                    for (int64_t c = 0; c < j->k; c++)
-                        y = vf_fmadd(vf_set1(hk[c]), vf_load(j->exact + c * j->stride + v), y);
-                    vf_store(&logits[b][v - start], y);
-                }
+                for (int b = 0; b < live; b++)
+                    logits_vec(j, b0 + b, v, vi_add(vi_shl(vi_load(d_hi[b]), 8), vi_load(d_lo[b])),
+                               &logits[b][v - start]);
             }
             for (int b = 0; b < live; b++) {
                 float s = exp_run(logits[b], j->probs + (b0 + b) * j->vocab + start, end - start, j->inv_t);
@@ -462,8 +462,8 @@ int sdft_int8_probs(const int8_t *q, const float *scale, const float *exact, con
     memset(mass, 0, sizeof(float) * rows * blocks);
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = (int)blocks;
-    uint8_t *split = NULL;
 #ifdef SDFT_AMX
+    uint8_t *split = NULL;
     int64_t n = (rows + 3) / 4 * 4 * width;
     if (layout == 4) {
         split = (uint8_t *)malloc(2 * n);
