@@ -20,18 +20,29 @@ q, k, v and the rotated-half q, k (the rotation `rotate_half` is a signed permut
 head's outputs, so it is folded into copies of the q and k rows: rotary is then two elementwise
 ops), one for gate and up, `F.rms_norm`, and the residual adds inside `addmm`. A decode step of
 such a model is per-op framework work, so the op count is its cost.
+
+C step (`CStep`): the fused step's model (SiLU MLPs, no q/k norms), where the C kernels build
+(`kernels.library`), runs as one call of `sdft_decode_step` (sdft_lite/csrc/cpu_kernels.c): the
+whole step, every layer, on transposed copies of the fused weights and a per-head transposed key
+cache, with no framework work between its ops.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same in all four
 
+from . import kernels
+
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 # The fused step's weight copies (q, k, v and the rotated q, k rows; gate and up) at most this many
 # bytes for the whole decoder: it is for small decoders, whose steps are per-op overhead.
 FUSED_MAX_BYTES = 64 * 2**20
+# The fused step through the C kernel `sdft_decode_step` where it applies (`CStep`).
+C_STEP = True
 
 
 def _preallocated(t: torch.Tensor, total: int) -> torch.Tensor:
@@ -155,6 +166,84 @@ class FusedLayer:
         return (self.w_qkv.numel() + self.w_gate_up.numel()) * self.w_qkv.element_size()
 
 
+def _is_silu(act) -> bool:
+    """torch's SiLU, or transformers' `SiLUActivation` (F.silu), with no hooks."""
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and not _hooked(act)
+
+
+class CStep:
+    """The fused step as one C call (module docstring): the arguments of `sdft_decode_step`, kept
+    for one rollout. `build` gives None where it does not apply: no C kernels, an MLP activation
+    other than SiLU, q/k norms, or copies over `FUSED_MAX_BYTES`."""
+
+    @classmethod
+    def build(cls, lean: LeanDecoder) -> CStep | None:
+        lib = kernels.library() if C_STEP else None
+        fused = lean.fused
+        if lib is None or any(f.qk_norm is not None or not _is_silu(f.act) for f in fused):
+            return None
+        f0 = fused[0]
+        if any(
+            (f.head_dim, f.q_heads, f.kv_heads, f.intermediate)
+            != (f0.head_dim, f0.q_heads, f0.kv_heads, f0.intermediate)
+            for f in fused
+        ):
+            return None
+        copies = sum(f.w_qkv.numel() + f.w_gate_up.numel() + f.wo_t.numel() + f.wd_t.numel() for f in fused)
+        if copies * 4 > FUSED_MAX_BYTES:
+            return None
+        return cls(lib, lean)
+
+    def __init__(self, lib, lean: LeanDecoder):
+        self.lib, f0 = lib, lean.fused[0]
+        self.shape = (f0.q_heads, f0.kv_heads, f0.head_dim, f0.intermediate)
+        self.scaling = float(f0.scaling)
+        self.keep = []  # every tensor whose memory the C structs point at
+
+        def ptr(t: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().to(dtype).contiguous()
+            self.keep.append(t)
+            return t.data_ptr()
+
+        layers = (kernels.DecodeLayer * len(lean.fused))()
+        for i, f in enumerate(lean.fused):
+            layers[i] = kernels.DecodeLayer(
+                ptr(f.w_in), ptr(f.w_qkv.t()), ptr(f.b_qkv), ptr(f.wo_t), ptr(f.bo), ptr(f.w_post),
+                ptr(f.w_gate_up.t()), ptr(f.b_gate_up), ptr(f.wd_t), ptr(f.bd),
+                ptr(lean.keys[i].transpose(2, 3)), ptr(lean.values[i]), f.eps_in, f.eps_post,
+            )  # fmt: skip
+        self.layers = layers
+        lean.keys = None  # the C step's own transposed copies replace them (values are shared)
+        self.embed, self.final = ptr(lean.embed), ptr(lean.final_norm[0])
+        self.eps_final = float(lean.final_norm[1])
+        self.cos = ptr(lean.cos.transpose(0, 1))  # [T, B, d]
+        self.sin = ptr(lean.sin.transpose(0, 1))
+        self.attend = ptr(lean.attend.view(lean.attend.shape[0], -1), torch.uint8)
+        rows, self.total = lean.attend.shape[0], lean.attend.shape[-1]
+        self.rows, self.hidden, self.vocab = rows, lean.embed.shape[1], lean.embed.shape[0]
+        self.step_bytes = rows * f0.head_dim * 4
+        n = lib.sdft_decode_scratch(rows, self.hidden, *self.shape, self.total)
+        self.scratch = torch.empty(n)
+
+    def __call__(self, tokens: torch.Tensor, step: int, at: int) -> torch.Tensor:
+        tokens = tokens.to(torch.int64).contiguous()
+        out = torch.empty(self.rows, self.hidden)
+        code = self.lib.sdft_decode_step(
+            ctypes.addressof(self.layers), len(self.layers), self.embed, self.vocab, tokens.data_ptr(),
+            self.rows, self.hidden, *self.shape, self.scaling, self.cos + step * self.step_bytes,
+            self.sin + step * self.step_bytes, self.attend, self.total, at, self.final, self.eps_final,
+            self.scratch.data_ptr(), self.scratch.numel(), out.data_ptr(),
+        )  # fmt: skip
+        if code != 0:
+            raise ValueError(
+                f"sdft_decode_step kernel: bad arguments (token ids {tokens.tolist()}, column {at})"
+            )
+        return out
+
+
 class LeanDecoder:
     """Decode steps after an ordinary prefill. `step(tokens)` -> last hidden state [B, H] (after
     the final norm), as `decoder(input_ids=tokens[:, None], ...)` would return it."""
@@ -191,8 +280,11 @@ class LeanDecoder:
         self.cos, self.sin = decoder.rotary_emb(probe, positions)  # [B, T, head dim]
         self.width, self.steps = width, 0
         self.fused = self._fused_layers(decoder)
+        self.c_step = None
         if self.fused is not None:  # [T, B, 1, head dim]: step s's tables are [B, 1, d] views
             self.cos_steps, self.sin_steps = (t.transpose(0, 1)[:, :, None] for t in (self.cos, self.sin))
+            if mask.device.type == "cpu":
+                self.c_step = CStep.build(self)
 
     def _fused_layers(self, decoder) -> list[FusedLayer] | None:
         embed, norm = plain_embedding(decoder.embed_tokens), _rms_norm_of(decoder.norm)
@@ -241,6 +333,10 @@ class LeanDecoder:
         return F.rms_norm(x, (hidden,), *self.final_norm)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.c_step is not None:
+            out = self.c_step(tokens, self.steps, self.width + self.steps)
+            self.steps += 1
+            return out
         if self.fused is not None:
             return self._fused_step(tokens)
         s = self.steps

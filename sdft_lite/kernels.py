@@ -1,15 +1,19 @@
 """C kernels for the CPU path, compiled on first use by the machine's own C compiler.
 
-One source, `csrc/cpu_kernels.c`, two kernels, each on a thread per core:
+One source, `csrc/cpu_kernels.c`, three kernels:
 - `sdft_int8_probs`: the int8 proposal's probabilities (`sampling.Int8Proposal`) in one pass over
   the int8 head copy (packed in groups of 16 ids, `sampling.pack_int8_rows`): int16 x int8 dot
   products with exact int32 sums (AMX int8 tiles where the CPU has them and Linux grants them,
   each int16 split into two bytes; else AVX-512 VNNI `vpdpwssd`, AVX-512BW or AVX2 `vpmaddwd`,
-  or scalar C), the fp32 outlier columns, exp and the block masses of the two-level sampler;
+  or scalar C), the fp32 outlier columns, exp and the block masses of the two-level sampler, on
+  a thread per core; then `sdft_int8_draw` (one thread) draws from them and runs the acceptance test;
+- `sdft_decode_step`: one decode step of a small Llama-family decoder with plain fp32 weights
+  (`decode.CStep`), on one thread;
 - `sdft_softmax_tile`: one vocabulary tile of the distillation loss's online softmax
-  (`tiled_loss`): row maxima, exp, sums and the rescale of earlier sums in one pass over the tile.
-Where no compiler is found or `SDFT_LITE_KERNELS=0`, both run as PyTorch ops instead (slower; the
-same distribution, the same loss up to fp32 rounding).
+  (`tiled_loss`): row maxima, exp, sums and the rescale of earlier sums in one pass over the tile,
+  on a thread per core.
+Where no compiler is found or `SDFT_LITE_KERNELS=0`, all run as PyTorch ops instead (slower; the
+same distribution, the same loss and hidden states up to fp32 rounding).
 
 `simd()` names the vector path a build took. Built with `$CC` (default `cc`) as
 `-O3 -march=native`, into `$SDFT_LITE_CACHE/kernels` (default `~/.cache/sdft-lite/kernels`), one
@@ -84,9 +88,42 @@ def _compiler() -> tuple[str, str] | None:
     return cc, version.splitlines()[0] if version else ""
 
 
+class DecodeLayer(ctypes.Structure):
+    """`decode_layer_t` of cpu_kernels.c: one layer's arguments to `sdft_decode_step`."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "norm_in",
+            "w_qkv",
+            "b_qkv",
+            "w_o",
+            "b_o",
+            "norm_post",
+            "w_gate_up",
+            "b_gate_up",
+            "w_down",
+            "b_down",
+            "keys_t",
+            "values",
+        )  # fmt: skip
+    ] + [("eps_in", ctypes.c_float), ("eps_post", ctypes.c_float)]
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    _F = ctypes.c_float
+    lib.sdft_decode_scratch.restype = _I64
+    lib.sdft_decode_scratch.argtypes = [_I64] * 7
+    lib.sdft_decode_step.restype = ctypes.c_int
+    lib.sdft_decode_step.argtypes = (
+        [_P, _I64, _P, _I64, _P] + [_I64] * 6 + [_F, _P, _P, _P, _I64, _I64, _P, _F, _P, _I64, _P]
+    )
     lib.sdft_int8_probs.restype = ctypes.c_int
     lib.sdft_int8_probs.argtypes = [_P] * 8 + [_I64] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.sdft_int8_inputs.restype = ctypes.c_int
+    lib.sdft_int8_inputs.argtypes = [_P] * 4 + [_I64] * 5 + [ctypes.c_double] + [_P] * 4
+    lib.sdft_int8_draw.restype = _I64
+    lib.sdft_int8_draw.argtypes = [_P] * 6 + [_I64] * 5 + [ctypes.c_double, ctypes.c_float, _P]
     lib.sdft_softmax_tile.restype = _I64
     lib.sdft_softmax_tile.argtypes = [_P] * 5 + [_I64] * 2 + [ctypes.c_int]
     lib.sdft_exp_max_error.restype = ctypes.c_double

@@ -155,27 +155,6 @@ def _draw(
     return ids.gather(-1, j).squeeze(-1), (p.log() - total.log()).squeeze(-1)
 
 
-def _draw_rows(probs: np.ndarray, mass: np.ndarray, cdf: np.ndarray, block: int, u: np.ndarray) -> np.ndarray:
-    """`_draw` in NumPy for a few rows (ids only), with the uniform numbers `u` [B] given: the
-    same two-level inverse CDF, the same guards against a draw that rounding pushes onto an empty
-    block or token. A dozen small torch ops cost ~0.3 ms per token on the 2-core CPU; this ~0.05."""
-    ids = np.empty(probs.shape[0], dtype=np.int64)
-    for b in range(probs.shape[0]):
-        x = u[b] * cdf[b, -1]
-        k = min(int(np.searchsorted(cdf[b], x, side="right")), mass.shape[1] - 1)
-        if mass[b, k] <= 0:
-            k = int(np.flatnonzero(mass[b] > 0)[-1])
-        inner = probs[b, k * block : (k + 1) * block]
-        j = min(
-            int(np.searchsorted(np.cumsum(inner), max(x - (cdf[b, k] - mass[b, k]), 0), side="right")),
-            len(inner) - 1,
-        )
-        if inner[j] <= 0:
-            j = int(np.flatnonzero(inner > 0)[-1])
-        ids[b] = k * block + j
-    return ids
-
-
 # A transposed head copy (made only where that layout wins the timing) is never larger than this.
 DECODE_HEAD_COPY_MAX_BYTES = 128 * 2**20
 # Heads smaller than this stay in cache, where the layouts differ by microseconds: no timing, and
@@ -484,8 +463,13 @@ class Int8Proposal:
             # (columns past the first multiple of 32 are zero: the AMX padding leaves it alone)
             self.act_max = min(32767, (2**31 - 1) // (127 * -(-hidden // 32) * 32))
             self._keep = (~is_exact).numpy()
-            self._exact_np = self.exact_columns.numpy()
+            self._keep_u8 = self._keep.astype(np.uint8)
+            self._exact_np = np.ascontiguousarray(self.exact_columns.numpy(), dtype=np.int64)
             self.row_max = row_max
+            # `sdft_int8_inputs`' constants, in the order it reads them
+            self._bound_constants = np.array(
+                [rest_max, error_max, copy_max, _gamma(3), self.g_exact, exact_max, row_max, _U]
+            )
 
     def bound(self, hidden: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """(the int8 product's input: h in bf16, zero-padded [B, width]; the bound E [B]).
@@ -509,6 +493,29 @@ class Int8Proposal:
         return hb, e * (1 + 1e-3)  # a margin for the rounding of the norms themselves
 
     def kernel_inputs(self, hidden: torch.Tensor, temperature: float) -> tuple[np.ndarray, ...]:
+        """`kernel_inputs_reference`'s (act, scale, hk, E / T), computed by the C kernel's
+        `sdft_int8_inputs` in the same double arithmetic (up to the order of its sums; a dozen
+        NumPy calls cost ~0.1 ms per token inside the rollout). A row with a value that is not
+        finite gets E = NaN (it is then sampled from the fp32 head)."""
+        rows, hidden_size = hidden.shape
+        padded = -(-rows // 4) * 4
+        h = hidden.detach().float().contiguous()
+        act = np.empty((padded, self.width), dtype=np.int16)
+        scale = np.empty(padded, dtype=np.float32)
+        hk = np.empty((padded, len(self._exact_np)), dtype=np.float32)
+        e = np.empty(rows)
+        code = self.kernel.sdft_int8_inputs(
+            h.data_ptr(), self._keep_u8.ctypes.data, self._exact_np.ctypes.data, self._bound_constants.ctypes.data,
+            rows, hidden_size, len(self._exact_np), self.width, self.act_max, float(temperature),
+            act.ctypes.data, scale.ctypes.data, hk.ctypes.data, e.ctypes.data,
+        )  # fmt: skip
+        if code != 0:
+            raise ValueError(
+                f"sdft_int8_inputs kernel: bad arguments ({rows} rows, temperature {temperature})"
+            )
+        return act, scale, hk, e
+
+    def kernel_inputs_reference(self, hidden: torch.Tensor, temperature: float) -> tuple[np.ndarray, ...]:
         """The C kernel's inputs for `hidden` [B, H] and the bound E / T [B] of its approximation
         of every logit / T, rows padded with zeros to a multiple of 4: (int16 activations
         [B4, width], their fp32 scales r [B4], the fp32 exact columns of h [B4, |K|], E / T).
@@ -655,25 +662,23 @@ class Int8Proposal:
         if not (np.isfinite(e).all() and e.max() <= INT8_MAX_BOUND):
             return self._fallback(hidden, temperature, exact_head)
         probs, mass = self.kernel_probs(act, scale, hk, rows, temperature)
-        total = mass.sum(-1)
-        if not (torch.isfinite(total) & (total >= MIN_ROW_MASS)).all():  # see `_row_masses`
+        # Every round's uniform numbers at once: [round, (draw, accept), row].
+        u = torch.rand(INT8_ROUNDS, 2, rows).numpy()
+        tokens = np.empty(rows, dtype=np.int64)
+        h, weight = hidden.float().contiguous(), self.weight.contiguous()  # (no copies in a rollout)
+        draws = self.kernel.sdft_int8_draw(
+            probs.data_ptr(), mass.data_ptr(), weight.data_ptr(), h.data_ptr(), e.ctypes.data,
+            u.ctypes.data, rows, self.weight.shape[0], hidden.shape[1], SAMPLE_BLOCK, INT8_ROUNDS,
+            float(temperature), float(MIN_ROW_MASS), tokens.ctypes.data,
+        )  # fmt: skip
+        if draws == -1:  # some row's mass is not finite or too small (see `_row_masses`)
             return self._fallback(hidden, temperature, exact_head)
-        p, m = probs.numpy(), mass.numpy()
-        cdf = np.cumsum(m, axis=1)
-        h, weight = hidden.numpy().astype(np.float64), self.weight.numpy()
-        tokens = np.zeros(rows, dtype=np.int64)
-        todo = np.ones(rows, dtype=bool)
-        for _ in range(INT8_ROUNDS):
-            PROPOSAL_STATS["draws"] += int(todo.sum())
-            ids = _draw_rows(p, m, cdf, SAMPLE_BLOCK, torch.rand(rows).numpy())
-            exact = np.einsum("bh,bh->b", weight[ids].astype(np.float64), h) / temperature
-            log_p = np.log(p[np.arange(rows), ids].astype(np.float64))
-            accept = todo & (torch.rand(rows).numpy() < np.exp(exact - log_p - e))
-            tokens[accept] = ids[accept]
-            todo &= ~accept
-            if not todo.any():
-                return torch.from_numpy(tokens)
-        tokens[todo] = self._fallback(hidden, temperature, exact_head, todo).numpy()
+        if draws < 0:
+            raise ValueError(f"sdft_int8_draw kernel: bad arguments ({rows} rows, temperature {temperature})")
+        PROPOSAL_STATS["draws"] += int(draws)
+        todo = tokens < 0
+        if todo.any():
+            tokens[todo] = self._fallback(hidden, temperature, exact_head, todo).numpy()
         return torch.from_numpy(tokens)
 
     def propose(self, hidden: torch.Tensor) -> object:

@@ -91,10 +91,12 @@ class _Tiles:
     gap: Tensor | None = None  # full, one head for both: teacher - student hidden states [n, H]
 
 
-def _tile_columns(rows: int, vocab: int, budget: int) -> int:
-    """Vocabulary columns per tile for a group of `rows` student rows: the two fp32 [2 rows, tile]
-    buffers, plus a byte per entry for the top-k's per-tile masks, within three quarters of `budget`."""
-    return max(64, min(vocab, 3 * budget // (4 * rows * (4 * _FP32_BYTES + 1))) // 16 * 16)
+def _tile_columns(rows: int, vocab: int, budget: int, buffers: int = 2) -> int:
+    """Vocabulary columns per tile for a group of `rows` student rows: `buffers` fp32 [2 rows, tile]
+    buffers (logits, and probabilities unless they overwrite them), plus a byte per entry for the
+    top-k's per-tile masks, within three quarters of `budget`."""
+    per_column = rows * (2 * buffers * _FP32_BYTES + (1 if buffers == 2 else 0))
+    return max(64, min(vocab, 3 * budget // (4 * per_column)) // 16 * 16)
 
 
 def _softmax_kernel(both: Tensor):
@@ -121,8 +123,12 @@ def _stream_tiles(s_h: Tensor, t_h: Tensor, w_s: Tensor, w_t: Tensor, spec: Loss
     n, vocab = s_h.shape[0], w_s.shape[0]
     full, tail = spec.support == "full", spec.support == "topk" and spec.add_tail
     both = torch.cat([t_h, s_h])
-    tile = min(_tile_columns(n, vocab, budget), vocab)
-    logits_buf, probs_buf = both.new_empty(2 * n * tile), both.new_empty(2 * n * tile)
+    # Full vocabulary, one head: nothing reads a tile's logits after its softmax step, whose
+    # probabilities then overwrite them: one buffer, twice as wide within the same bytes.
+    in_place = full and w_s is w_t
+    tile = min(_tile_columns(n, vocab, budget, 1 if in_place else 2), vocab)
+    logits_buf = both.new_empty(2 * n * tile)
+    probs_buf = logits_buf if in_place else both.new_empty(2 * n * tile)
     m = both.new_full((2 * n, 1), float("-inf"))
     z, rescale = both.new_zeros(2 * n, 1), both.new_empty(2 * n, 1)
     lib, threads = _softmax_kernel(both), _softmax_kernel_threads()

@@ -68,9 +68,12 @@ def _prompts():
     return ids, (ids != 0).long()
 
 
-def _generic_and_lean(model, steps: int = 6, samples: int = 2, fused: bool | None = None):
+def _generic_and_lean(
+    model, steps: int = 6, samples: int = 2, fused: bool | None = None, c_step: bool | None = None
+):
     """Hidden states of the same decode steps: the generic forward vs `LeanDecoder.step`
-    (`fused`: whether the lean decoder must, or must not, take the fused step)."""
+    (`fused`, `c_step`: whether the lean decoder must, or must not, take the fused step, and that
+    step through the C kernel)."""
     from sdft_lite.models import causal_lm
 
     decoder = causal_lm(model).get_decoder()
@@ -92,6 +95,8 @@ def _generic_and_lean(model, steps: int = 6, samples: int = 2, fused: bool | Non
     lean = LeanDecoder(decoder, caches[1], mask, next_pos, steps)
     if fused is not None:
         assert (lean.fused is not None) == fused
+    if c_step is not None:
+        assert (lean.c_step is not None) == c_step
     tokens = torch.randint(1, 50, (steps, mask.shape[0]), generator=torch.Generator().manual_seed(1))
     generic, ours = [], []
     for step in range(steps):
@@ -116,14 +121,22 @@ def test_lean_step_gives_the_generic_hidden_states(arch):
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_fused_step_with_merged_lora_gives_the_generic_hidden_states(arch):
-    """Under `merged_lora` every linear is a plain fp32 weight: the fused step runs, and matches
-    the generic forward of the unmerged adapter."""
+@pytest.mark.parametrize("c_step", [True, False])
+def test_fused_step_with_merged_lora_gives_the_generic_hidden_states(arch, c_step, monkeypatch):
+    """Under `merged_lora` every linear is a plain fp32 weight: the fused step runs (through the
+    C kernel where it applies: every family here but Qwen3, whose q/k norms it does not take),
+    and matches the generic forward of the unmerged adapter."""
+    import sdft_lite.decode as decode
+    from sdft_lite import kernels
+
+    if c_step and kernels.library() is None:  # CI has gcc: there the C step is tested, never skipped
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(decode, "C_STEP", c_step)
     model = _model(arch)
     with torch.no_grad():
-        generic, _ = _generic_and_lean(model, fused=False)  # LoRA not merged: the module step
+        generic, _ = _generic_and_lean(model, fused=False, c_step=False)  # LoRA not merged: the module step
         with sampling.merged_lora(model):
-            _, ours = _generic_and_lean(model, fused=True)
+            _, ours = _generic_and_lean(model, fused=True, c_step=c_step and arch != "qwen3")
     assert generic.abs().mean() > 0.1
     torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
     assert not any(hasattr(m, "sdft_merged") for m in model.modules())  # merged_lora cleaned up
@@ -146,6 +159,54 @@ def test_fused_step_stays_within_its_byte_cap(monkeypatch):
     with torch.no_grad():
         generic, ours = _generic_and_lean(model, fused=False)
     torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-march=x86-64",)])  # the AVX2 and scalar C paths
+def test_c_step_on_other_vector_paths(flags, monkeypatch, tmp_path):
+    """The C step built for the other vector paths (AVX2; scalar C) matches the generic forward too."""
+    import ctypes
+
+    from sdft_lite import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler here")
+    built = kernels._build(kernels._compiler()[0], tmp_path / "variant.so", extra_flags=flags)
+    assert built is not None
+    monkeypatch.setattr(kernels, "_LIBRARY", [kernels._bind(ctypes.CDLL(str(built)))])
+    with torch.no_grad():
+        generic, ours = _generic_and_lean(_model("qwen2", lora=False), fused=True, c_step=True)
+    torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
+
+
+def test_c_step_takes_silu_models_only_and_refuses_bad_token_ids():
+    """An MLP activation other than SiLU keeps the PyTorch fused step (same hidden states as the
+    generic forward); a token id outside the embedding stops the C step with a message instead of
+    reading past the table."""
+    from sdft_lite import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler here")
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPE, hidden_act="gelu")
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        generic, ours = _generic_and_lean(model, fused=True, c_step=False)
+    torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
+    decoder = _model("llama", lora=False).model
+    ids, mask = _prompts()
+    cache = DynamicCache()
+    with torch.no_grad():
+        decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            past_key_values=cache,
+        )
+        lean = LeanDecoder(decoder, cache, mask, mask.sum(-1, keepdim=True), 4)
+        assert lean.c_step is not None
+        with pytest.raises(ValueError, match="sdft_decode_step"):
+            lean.step(torch.tensor([1, 2, SHAPE["vocab_size"]]))
 
 
 def test_rotated_rows_give_rotate_half():

@@ -186,7 +186,8 @@ def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, kernel, m
     assert (tiled._softmax_kernel(torch.zeros(1)) is not None) == kernel
     spec = dataclasses.replace(TILED_PATH_SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
     monkeypatch.setattr(tiled, "GROUP_ROWS", group_rows)
-    tile = tiled._tile_columns(min(N, group_rows), V, int(TINY_BUDGET_MB * 2**20))
+    buffers = 1 if spec.support == "full" and teacher_head == "shared" else 2  # probabilities in place
+    tile = tiled._tile_columns(min(N, group_rows), V, int(TINY_BUDGET_MB * 2**20), buffers)
     assert tile < V and V % tile != 0  # several vocabulary tiles, the last one partial
     g = torch.Generator().manual_seed(5)
     lm = nn.Linear(H, V, bias=False).requires_grad_(False)
@@ -599,8 +600,9 @@ def test_trainer_default_loss_peak_memory_fits_the_chunk_budget(name):
     spec = dataclasses.replace(SPECS[name], chunk_budget_mb=4.0)
     vocab, tokens = 20_000, 29
     peak = _peak_loss_bytes(vocab, tokens, spec, trainer_head=True)
-    tile = tiled._tile_columns(tokens, vocab, int(spec.chunk_budget_mb * MIB))
-    assert tile < vocab and 2 * (2 * tokens) * tile * 4 <= peak  # the tracker sees the two tile buffers
+    buffers = 1 if spec.support == "full" else 2  # full, one head: the probabilities overwrite the logits
+    tile = tiled._tile_columns(tokens, vocab, int(spec.chunk_budget_mb * MIB), buffers)
+    assert tile < vocab and buffers * (2 * tokens) * tile * 4 <= peak  # the tracker sees the tile buffers
     assert peak <= spec.chunk_budget_mb * MIB + 0.25 * MIB
     default = dataclasses.replace(SPECS[name], chunk_budget_mb=128.0)
     for vocab, tokens in [(151_936, 256), (32_000, 1024)]:

@@ -437,6 +437,94 @@ def test_int8_kernel_vector_paths_agree(flags, paths, rows, monkeypatch, tmp_pat
     torch.testing.assert_close(mass_v, mass, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("hidden", [64, 72])  # 72: the int8 rows are padded to 96 columns
+@pytest.mark.parametrize("outlier", [False, True])
+def test_int8_kernel_inputs_match_their_reference(hidden, outlier):
+    """`sdft_int8_inputs` gives `kernel_inputs_reference`'s int16 activations, scales and exact
+    columns bit for bit, and its bound up to the order of the sums, over hidden states from tiny
+    to huge (7 rows: padded to 8); a row with a NaN or an infinity gets a NaN bound."""
+    import sdft_lite.sampling as sampling
+
+    _kernel_library()
+    proposal = sampling.Int8Proposal(_head(5000, hidden, seed=hidden, outlier=outlier))
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(7, hidden, generator=g) * torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3, 1.0, 0.0])[:, None]
+    h[5, 0] = 300.0  # a massive activation
+    for temperature in (1.0, 0.7):
+        ours, ref = proposal.kernel_inputs(h, temperature), proposal.kernel_inputs_reference(h, temperature)
+        for a, b in zip(ours[:3], ref[:3], strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+        np.testing.assert_allclose(ours[3], ref[3], rtol=1e-12, atol=0)
+        assert np.isfinite(ours[3]).all() and (ours[3][:6] > 0).all()
+    h[2, 3], h[4, 0] = float("nan"), float("inf")  # column 0 is exact with the outlier
+    e = proposal.kernel_inputs(h, 1.0)[3]
+    assert np.isnan(e[[2, 4]]).all() and np.isfinite(np.delete(e, [2, 4])).all()
+
+
+def _draw_reference(probs, mass, weight, h, e, u, block, temperature):
+    """`sdft_int8_draw` in NumPy: per round, each row without a token draws by the two-level
+    inverse CDF (float32 cumulative sums, the guards against an empty block or token) with
+    u[round, 0], and accepts when u[round, 1] < exp(h . W_v / T - ln p_v - e); -1: none accepted."""
+    rows = probs.shape[0]
+    cdf = np.cumsum(mass, axis=1)
+    tokens, draws = np.full(rows, -1), 0
+    for round_u in u:
+        for b in np.flatnonzero(tokens < 0):
+            draws += 1
+            x = round_u[0, b] * cdf[b, -1]
+            k = min(int(np.searchsorted(cdf[b], x, side="right")), mass.shape[1] - 1)
+            if mass[b, k] <= 0:
+                k = int(np.flatnonzero(mass[b] > 0)[-1])
+            inner = probs[b, k * block : (k + 1) * block]
+            target = max(x - (cdf[b, k] - mass[b, k]), 0)
+            j = min(int(np.searchsorted(np.cumsum(inner), target, side="right")), len(inner) - 1)
+            if inner[j] <= 0:
+                j = int(np.flatnonzero(inner > 0)[-1])
+            v = k * block + j
+            exact = weight[v].astype(np.float64) @ h[b].astype(np.float64) / temperature
+            if round_u[1, b] < np.exp(exact - np.log(np.float64(probs[b, v])) - e[b]):
+                tokens[b] = v
+    return tokens, draws
+
+
+@pytest.mark.parametrize("rounds", [8, 1])
+def test_int8_kernel_draws_match_their_reference(rounds, monkeypatch):
+    """`sdft_int8_draw` picks the ids, the acceptances and the draw count of its NumPy reference
+    for the same uniform numbers: blocks of 64 over 400 ids (the last partial), 21 rows whose
+    bound is large enough that some draws are rejected (and, with one round, some rows get no
+    token); a row whose mass is zero makes it hand the whole batch back (-1)."""
+    import sdft_lite.sampling as sampling
+
+    lib = _kernel_library()
+    monkeypatch.setattr(sampling, "SAMPLE_BLOCK", 64)
+    w = _head(400, 64, seed=3, outlier=True)
+    proposal = sampling.Int8Proposal(w)
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(21, 64, generator=g) * 15.0  # peaked rows, and a bound of ~0.2-0.4 nats
+    h[:, 0] = 11.0  # the constant coordinate: within exp's range (the kernel's exp is unshifted)
+    for temperature in (1.0, 0.7):
+        act, scale, hk, e = proposal.kernel_inputs(h, temperature)
+        e = e + 1e-6
+        probs, mass = proposal.kernel_probs(act, scale, hk, 21, temperature)
+        u = torch.rand(rounds, 2, 21, generator=g).numpy()
+        tokens = np.empty(21, dtype=np.int64)
+        args = (w.data_ptr(), h.data_ptr(), e.ctypes.data, u.ctypes.data)
+        args += (21, 400, 64, 64, rounds, temperature)  # rows, vocab, hidden, block
+        draws = lib.sdft_int8_draw(probs.data_ptr(), mass.data_ptr(), *args, 1e-9, tokens.ctypes.data)
+        want, want_draws = _draw_reference(
+            probs.numpy(), mass.numpy(), w.numpy(), h.numpy(), e, u, 64, temperature
+        )
+        assert np.array_equal(tokens, want) and draws == want_draws
+        assert (tokens >= 0).any() and draws == (21 if rounds == 1 else want_draws)
+        if rounds == 1:
+            assert (tokens < 0).any()  # rejected, no token
+        else:
+            assert draws > 21 and (tokens >= 0).all()
+        empty = mass.clone()
+        empty[3] = 0.0
+        assert lib.sdft_int8_draw(probs.data_ptr(), empty.data_ptr(), *args, 1e-9, tokens.ctypes.data) == -1
+
+
 def test_int8_kernel_exp_is_within_its_declared_error():
     """The kernel's exp against float64 exp, every fp32 input of the ranges each build checks:
     the proposal's bound counts on EXP_MAX_REL_ERROR (`pytest -m slow` checks the whole range)."""

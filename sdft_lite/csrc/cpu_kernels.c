@@ -1,5 +1,8 @@
 /* sdft-lite's CPU kernels, built by sdft_lite/kernels.py with the machine's own compiler:
  *   sdft_int8_probs    the int8 proposal's probabilities (sdft_lite.sampling.Int8Proposal)
+ *   sdft_int8_inputs   the proposal's kernel inputs and error bound
+ *   sdft_int8_draw     the proposal's draws and their acceptance test
+ *   sdft_decode_step   one decode step of a small Llama-family decoder (sdft_lite.decode)
  *   sdft_softmax_tile  one vocabulary tile of the distillation loss's online softmax
  *                      (sdft_lite.tiled_loss)
  *   sdft_exp_max_error the largest relative error of their exp (checked on every build)
@@ -497,6 +500,143 @@ int sdft_int8_probs(const int8_t *q, const float *scale, const float *exact, con
     return 0;
 }
 
+/* The int8 proposal's kernel inputs and error bound for `rows` hidden states h [rows, hidden]
+ * (fp32), in double as sdft_lite.sampling.Int8Proposal.kernel_inputs_reference computes them
+ * (which documents the bound; `c` holds its constants: rest_max, error_max, copy_max, gamma_3,
+ * gamma_exact, exact_max, row_max, u): with h_R the row's int8 columns (keep[i] nonzero),
+ *     r = fl32(max |h_R| / act_max) (1 where not > 0),  a = clip(rint(h_R / r), +-act_max),
+ *     e = (e0 + 2.5 u (size + e0) + (hidden + 2) 2^-53 size) / temperature,
+ * e0 and size as there. Writes act [rows4, width] int16 (zeros past the row's hidden columns and
+ * in the padding rows), scale [rows4] (1 in the padding), hk [rows4, k] (h's exact columns, 0 in
+ * the padding), e [rows]. A row with a value that is not finite gets e = NaN (the caller samples
+ * it from the fp32 head) and a = 0. Returns 0, or -1 on bad input. */
+int sdft_int8_inputs(const float *h, const uint8_t *keep, const int64_t *exact, const double *c, int64_t rows,
+                     int64_t hidden, int64_t k, int64_t width, int64_t act_max, double temperature, int16_t *act,
+                     float *scale, float *hk, double *e) {
+    if (rows < 1 || hidden < 1 || width < hidden || k < 0 || act_max < 1 || act_max > 32767 || !(temperature > 0.0))
+        return -1;
+    const int64_t rows4 = (rows + 3) / 4 * 4;
+    const double rest_max = c[0], error_max = c[1], copy_max = c[2], g3 = c[3], g_exact = c[4];
+    const double exact_max = c[5], row_max = c[6], u = c[7], lim = (double)act_max;
+    memset(act, 0, sizeof(int16_t) * rows4 * width);
+    for (int64_t b = 0; b < rows4; b++) scale[b] = 1.0f;
+    if (k > 0) memset(hk, 0, sizeof(float) * rows4 * k);
+    for (int64_t b = 0; b < rows; b++) {
+        const float *x = h + b * hidden;
+        double top = 0.0, hh = 0.0;
+        int finite = 1;
+        for (int64_t i = 0; i < hidden; i++) {
+            const double v = (double)x[i];
+            if (!isfinite(v)) finite = 0;
+            hh += v * v;
+            if (keep[i] && fabs(v) > top) top = fabs(v);
+        }
+        for (int64_t j = 0; j < k; j++) hk[b * k + j] = x[exact[j]];
+        if (!finite) {
+            e[b] = NAN;
+            continue;
+        }
+        float r = (float)(top / lim);
+        if (!(r > 0.0f)) r = 1.0f;
+        const double rd = (double)r;
+        double dd = 0.0, ff = 0.0, kk = 0.0;
+        for (int64_t i = 0; i < hidden; i++) {
+            const double v = (double)x[i];
+            if (!keep[i]) continue;
+            double a = nearbyint(v / rd); /* round half to even, as NumPy's rint */
+            a = a < -lim ? -lim : (a > lim ? lim : a);
+            act[b * width + i] = (int16_t)a;
+            const double xi = a * rd;
+            dd += (v - xi) * (v - xi);
+            ff += xi * xi;
+        }
+        for (int64_t j = 0; j < k; j++) kk += (double)x[exact[j]] * (double)x[exact[j]];
+        const double d_rest = sqrt(dd), f_rest = sqrt(ff);
+        double e0 = d_rest * rest_max + f_rest * (error_max + copy_max * g3);
+        if (k > 0) e0 += g_exact * (f_rest * copy_max * (1.0 + g3) + sqrt(kk) * exact_max);
+        e0 *= 1.0 + 1e-3; /* a margin for the rounding of the norms themselves */
+        const double size = sqrt(hh) * row_max;
+        e[b] = (e0 + 2.5 * u * (size + e0) + (double)(hidden + 2) * ldexp(1.0, -53) * size) / temperature;
+        scale[b] = r;
+    }
+    return 0;
+}
+
+/* The index of the first of n values (non-decreasing running sums of x) above `target`, or n:
+ * NumPy's searchsorted(cumsum(x), target, side="right") with the float32 sums taken in order. */
+static int64_t first_sum_above(const float *x, int64_t n, float target) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        sum += x[i];
+        if (sum > target) return i;
+    }
+    return n;
+}
+
+/* The last index of x[0..n) whose value is > 0 (the caller knows there is one). */
+static int64_t last_positive(const float *x, int64_t n) {
+    int64_t i = n - 1;
+    while (i > 0 && !(x[i] > 0.0f)) i--;
+    return i;
+}
+
+/* The int8 proposal's draws and their acceptance test (sdft_lite.sampling.Int8Proposal.
+ * _sample_kernel), from the probabilities and block masses of sdft_int8_probs. Each round, every
+ * row b still without a token draws id v by the two-level inverse CDF with the uniform number
+ * u[round][0][b], in float32 as NumPy's cumsum and searchsorted take it (cumulative block masses,
+ * a cumulative sum inside the chosen block; an empty block or token is never drawn: a draw that
+ * rounding pushes onto one moves back to the last one with mass; tests/test_sampling.py has the
+ * NumPy reference), and accepts it when
+ *     u[round][1][b] < exp(h_b . W_v / T - ln p_v - e[b]),
+ * the dot product and the rest in double. tokens[b]: the id accepted, or -1 after `rounds`
+ * rounds. Returns the number of draws; -1 where some row's total mass is not finite or is below
+ * min_mass (nothing drawn: the caller samples the batch from the fp32 head); -2 on bad input. */
+int64_t sdft_int8_draw(const float *probs, const float *mass, const float *weight, const float *h,
+                       const double *e, const float *u, int64_t rows, int64_t vocab, int64_t hidden,
+                       int64_t block, int64_t rounds, double temperature, float min_mass, int64_t *tokens) {
+    if (rows < 1 || vocab < 1 || hidden < 1 || block < 1 || rounds < 1 || !(temperature > 0.0)) return -2;
+    const int64_t blocks = (vocab + block - 1) / block;
+    for (int64_t b = 0; b < rows; b++) {
+        float total = 0.0f;
+        for (int64_t k = 0; k < blocks; k++) total += mass[b * blocks + k];
+        if (!isfinite(total) || !(total >= min_mass)) return -1;
+        tokens[b] = -1;
+    }
+    int64_t draws = 0;
+    for (int64_t round = 0; round < rounds; round++) {
+        int64_t todo = 0;
+        for (int64_t b = 0; b < rows; b++) {
+            if (tokens[b] >= 0) continue;
+            todo++;
+            const float *m = mass + b * blocks, *p = probs + b * vocab;
+            float cdf = 0.0f;
+            for (int64_t k = 0; k < blocks; k++) cdf += m[k];
+            const float x = u[(round * 2) * rows + b] * cdf;
+            int64_t k = first_sum_above(m, blocks, x);
+            if (k > blocks - 1) k = blocks - 1;
+            if (!(m[k] > 0.0f)) k = last_positive(m, blocks);
+            float before = 0.0f; /* the cumulative mass up to block k, as NumPy's cumsum takes it */
+            for (int64_t i = 0; i <= k; i++) before += m[i];
+            before -= m[k];
+            float target = x - before;
+            if (!(target > 0.0f)) target = 0.0f;
+            const int64_t lo = k * block, len = (lo + block < vocab ? lo + block : vocab) - lo;
+            int64_t jj = first_sum_above(p + lo, len, target);
+            if (jj > len - 1) jj = len - 1;
+            if (!(p[lo + jj] > 0.0f)) jj = last_positive(p + lo, len);
+            const int64_t v = lo + jj;
+            const float *w = weight + v * hidden, *hb = h + b * hidden;
+            double dot = 0.0;
+            for (int64_t i = 0; i < hidden; i++) dot += (double)w[i] * (double)hb[i];
+            double log_accept = dot / temperature - log((double)p[v]) - e[b];
+            if ((double)u[(round * 2 + 1) * rows + b] < exp(log_accept)) tokens[b] = v;
+        }
+        draws += todo;
+        if (todo == 0) break;
+    }
+    return draws;
+}
+
 typedef struct {
     const float *x;
     float *probs, *m, *z, *rescale;
@@ -600,6 +740,172 @@ int64_t sdft_softmax_tile(const float *x, float *probs, float *m, float *z, floa
     int64_t grew = 0;
     for (int t = 0; t < threads; t++) grew += jobs[t].grew;
     return grew;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * sdft_decode_step: one decode step of a small Llama-family decoder whose linears are plain fp32
+ * weights (sdft_lite.decode.CStep builds its arguments): for each layer
+ *     h = rms_norm(x) * norm_in,  [q k | rot q rot k | v] = h W_qkv + b_qkv,
+ *     q, k = [q k] * cos + [rot q rot k] * sin  (rotary, rotate_half folded into the weights),
+ *     k, v written to the cache at column `at`, attention over the columns <= at that `attend`
+ *     allows, x += attn W_o + b_o,  h = rms_norm(x) * norm_post,
+ *     x += (silu(h W_gate + b_gate) * (h W_up + b_up)) W_down + b_down,
+ * then out = rms_norm(x) * norm_final. Weights are stored transposed ([in, out], row-major); the
+ * keys transposed per head ([rows, kv heads, head_dim, total]) so that a query's scores over the
+ * positions are vector products without reductions; values [rows, kv heads, total, head_dim]. The
+ * same arithmetic as PyTorch's ops up to fp32 rounding (tests/test_decode.py). One thread.
+ */
+typedef struct {
+    const float *norm_in, *w_qkv, *b_qkv, *w_o, *b_o, *norm_post, *w_gate_up, *b_gate_up, *w_down, *b_down;
+    float *keys_t, *values;
+    float eps_in, eps_post;
+} decode_layer_t;
+
+/* y[r, :N] (+)= x[r, :K] wt + bias for rows r < rows4 (a multiple of 4); x rows `ldx` apart, wt
+ * [K, N] row-major, bias [N] or NULL; with `residual` the products are added to y's values. */
+static void small_matmul(const float *x, int64_t ldx, int64_t rows4, int64_t K, const float *wt, int64_t N,
+                         const float *bias, int residual, float *y) {
+    for (int64_t r0 = 0; r0 < rows4; r0 += 4) {
+        const float *x0 = x + r0 * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+        float *y0 = y + r0 * N, *y1 = y0 + N, *y2 = y1 + N, *y3 = y2 + N;
+        int64_t n = 0;
+#ifdef VL
+        for (; n + 2 * VL <= N; n += 2 * VL) {
+            vf a00 = vf_set1(0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+            for (int64_t k = 0; k < K; k++) {
+                vf w0 = vf_load(wt + k * N + n), w1 = vf_load(wt + k * N + n + VL);
+                vf s0 = vf_set1(x0[k]), s1 = vf_set1(x1[k]), s2 = vf_set1(x2[k]), s3 = vf_set1(x3[k]);
+                a00 = vf_fmadd(s0, w0, a00);
+                a01 = vf_fmadd(s0, w1, a01);
+                a10 = vf_fmadd(s1, w0, a10);
+                a11 = vf_fmadd(s1, w1, a11);
+                a20 = vf_fmadd(s2, w0, a20);
+                a21 = vf_fmadd(s2, w1, a21);
+                a30 = vf_fmadd(s3, w0, a30);
+                a31 = vf_fmadd(s3, w1, a31);
+            }
+            if (bias != NULL) {
+                vf b0 = vf_load(bias + n), b1 = vf_load(bias + n + VL);
+                a00 = vf_add(a00, b0), a01 = vf_add(a01, b1), a10 = vf_add(a10, b0), a11 = vf_add(a11, b1);
+                a20 = vf_add(a20, b0), a21 = vf_add(a21, b1), a30 = vf_add(a30, b0), a31 = vf_add(a31, b1);
+            }
+            if (residual) {
+                a00 = vf_add(vf_load(y0 + n), a00), a01 = vf_add(vf_load(y0 + n + VL), a01);
+                a10 = vf_add(vf_load(y1 + n), a10), a11 = vf_add(vf_load(y1 + n + VL), a11);
+                a20 = vf_add(vf_load(y2 + n), a20), a21 = vf_add(vf_load(y2 + n + VL), a21);
+                a30 = vf_add(vf_load(y3 + n), a30), a31 = vf_add(vf_load(y3 + n + VL), a31);
+            }
+            vf_store(y0 + n, a00), vf_store(y0 + n + VL, a01), vf_store(y1 + n, a10), vf_store(y1 + n + VL, a11);
+            vf_store(y2 + n, a20), vf_store(y2 + n + VL, a21), vf_store(y3 + n, a30), vf_store(y3 + n + VL, a31);
+        }
+#endif
+        for (; n < N; n++) {
+            const float *xs[4] = {x0, x1, x2, x3};
+            float *ys[4] = {y0, y1, y2, y3};
+            for (int r = 0; r < 4; r++) {
+                float acc = 0.0f;
+                for (int64_t k = 0; k < K; k++) acc = fmaf(xs[r][k], wt[k * N + n], acc);
+                if (bias != NULL) acc += bias[n];
+                ys[r][n] = residual ? ys[r][n] + acc : acc;
+            }
+        }
+    }
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w over n values. */
+static void rms_norm_row(const float *x, const float *w, float eps, int64_t n, float *y) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss = fmaf(x[i], x[i], ss);
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+}
+
+/* Scratch floats sdft_decode_step needs for these shapes. */
+int64_t sdft_decode_scratch(int64_t rows, int64_t hidden, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                            int64_t intermediate, int64_t total) {
+    const int64_t rows4 = (rows + 3) / 4 * 4, qkv = (2 * (q_heads + kv_heads) + kv_heads) * head_dim;
+    return rows4 * (2 * hidden + qkv + 2 * intermediate + q_heads * head_dim) + total + 64;
+}
+
+/* One step for `rows` rows (above): tokens [rows]; cos, sin [rows, head_dim] of this step's
+ * positions; attend [rows, total] (bytes, nonzero: may attend); writes out [rows, hidden]. Returns
+ * 0, or -1 on bad input (a scratch smaller than sdft_decode_scratch, at >= total, a token id out of
+ * range). */
+int sdft_decode_step(const decode_layer_t *layers, int64_t n_layers, const float *embed, int64_t vocab,
+                     const int64_t *tokens, int64_t rows, int64_t hidden, int64_t q_heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t intermediate, float scaling, const float *cos, const float *sin,
+                     const uint8_t *attend, int64_t total, int64_t at, const float *norm_final, float eps_final,
+                     float *scratch, int64_t scratch_len, float *out) {
+    const int64_t d = head_dim, heads = q_heads + kv_heads, rows4 = (rows + 3) / 4 * 4;
+    const int64_t n_qkv = (2 * heads + kv_heads) * d, group = kv_heads > 0 ? q_heads / kv_heads : 0;
+    if (rows < 1 || n_layers < 1 || d < 1 || kv_heads < 1 || group < 1 || q_heads % kv_heads || at < 0 ||
+        at >= total || scratch_len < sdft_decode_scratch(rows, hidden, q_heads, kv_heads, d, intermediate, total))
+        return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (tokens[r] < 0 || tokens[r] >= vocab) return -1;
+    float *x = scratch, *h = x + rows4 * hidden, *qkv = h + rows4 * hidden, *gu = qkv + rows4 * n_qkv;
+    float *att = gu + rows4 * 2 * intermediate, *scores = att + rows4 * q_heads * d;
+    memset(x, 0, sizeof(float) * rows4 * hidden);
+    memset(att, 0, sizeof(float) * rows4 * q_heads * d);
+    for (int64_t r = 0; r < rows; r++) memcpy(x + r * hidden, embed + tokens[r] * hidden, sizeof(float) * hidden);
+    const int64_t n = at + 1;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const decode_layer_t *L = layers + l;
+        for (int64_t r = 0; r < rows4; r++) rms_norm_row(x + r * hidden, L->norm_in, L->eps_in, hidden, h + r * hidden);
+        small_matmul(h, hidden, rows4, hidden, L->w_qkv, n_qkv, L->b_qkv, 0, qkv);
+        for (int64_t r = 0; r < rows; r++) {
+            float *row = qkv + r * n_qkv;
+            const float *c = cos + r * d, *sn = sin + r * d;
+            for (int64_t hh = 0; hh < heads; hh++) /* rotary, in place over the plain q, k */
+                for (int64_t i = 0; i < d; i++) row[hh * d + i] = row[hh * d + i] * c[i] + row[(heads + hh) * d + i] * sn[i];
+            for (int64_t g = 0; g < kv_heads; g++) {
+                float *kt = L->keys_t + (r * kv_heads + g) * d * total, *v = L->values + ((r * kv_heads + g) * total + at) * d;
+                for (int64_t i = 0; i < d; i++) {
+                    kt[i * total + at] = row[(q_heads + g) * d + i];
+                    v[i] = row[2 * heads * d + g * d + i];
+                }
+            }
+            const uint8_t *allow = attend + r * total;
+            for (int64_t hq = 0; hq < q_heads; hq++) {
+                const int64_t g = hq / group;
+                const float *q = row + hq * d, *kt = L->keys_t + (r * kv_heads + g) * d * total;
+                const float *vv = L->values + (r * kv_heads + g) * total * d;
+                for (int64_t j = 0; j < n; j++) scores[j] = 0.0f;
+                for (int64_t i = 0; i < d; i++) { /* vectorized over positions j */
+                    const float qi = q[i], *ki = kt + i * total;
+                    for (int64_t j = 0; j < n; j++) scores[j] = fmaf(qi, ki[j], scores[j]);
+                }
+                float top = -INFINITY;
+                for (int64_t j = 0; j < n; j++) {
+                    scores[j] = allow[j] ? scores[j] * scaling : -INFINITY;
+                    top = scores[j] > top ? scores[j] : top;
+                }
+                const float total_p = exp_shifted(scores, scores, n, top), inv = 1.0f / total_p;
+                float *o = att + r * q_heads * d + hq * d;
+                for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+                for (int64_t j = 0; j < n; j++) {
+                    const float pj = scores[j];
+                    if (pj == 0.0f) continue;
+                    const float *vj = vv + j * d;
+                    for (int64_t i = 0; i < d; i++) o[i] = fmaf(pj, vj[i], o[i]);
+                }
+                for (int64_t i = 0; i < d; i++) o[i] *= inv;
+            }
+        }
+        small_matmul(att, q_heads * d, rows4, q_heads * d, L->w_o, hidden, L->b_o, 1, x);
+        for (int64_t r = 0; r < rows4; r++) rms_norm_row(x + r * hidden, L->norm_post, L->eps_post, hidden, h + r * hidden);
+        small_matmul(h, hidden, rows4, hidden, L->w_gate_up, 2 * intermediate, L->b_gate_up, 0, gu);
+        for (int64_t r = 0; r < rows4; r++) {
+            float *row = gu + r * 2 * intermediate;
+            for (int64_t i = 0; i < intermediate; i++) {
+                const float a = row[i];
+                row[i] = a / (1.0f + exp_scalar(-a)) * row[intermediate + i];
+            }
+        }
+        small_matmul(gu, 2 * intermediate, rows4, intermediate, L->w_down, hidden, L->b_down, 1, x);
+    }
+    for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * hidden, norm_final, eps_final, hidden, out + r * hidden);
+    return 0;
 }
 
 /* The largest relative error of the kernel's exp against double-precision exp over every fp32 x
