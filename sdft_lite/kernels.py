@@ -124,6 +124,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sdft_int8_inputs.argtypes = [_P] * 4 + [_I64] * 5 + [ctypes.c_double] + [_P] * 4
     lib.sdft_int8_draw.restype = _I64
     lib.sdft_int8_draw.argtypes = [_P] * 6 + [_I64] * 5 + [ctypes.c_double, ctypes.c_float, _P]
+    lib.sdft_above.restype = _I64
+    lib.sdft_above.argtypes = [_P] + [_I64] * 3 + [_P] + [_I64] * 2 + [_P] * 3 + [_I64] + [_P] * 2
     lib.sdft_softmax_tile.restype = _I64
     lib.sdft_softmax_tile.argtypes = [_P] * 5 + [_I64] * 2 + [ctypes.c_int]
     lib.sdft_exp_max_error.restype = ctypes.c_double

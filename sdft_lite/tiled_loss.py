@@ -284,6 +284,7 @@ class _RunningTopK:
         self.ids = torch.zeros(rows, k, dtype=torch.long, device=device)
         self._queue: list[tuple[Tensor, ...]] = []  # per tile: rows, ids, source and other logits
         self._queued = torch.zeros(rows, dtype=torch.long, device=device)
+        self._room: tuple[Tensor, ...] | None = None  # the C scan's output buffers
 
     def offer(self, source: Tensor, other: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """Queue a tile's candidates (`source`, `other`: its [rows, cols] logits; `start`: its first
@@ -302,13 +303,11 @@ class _RunningTopK:
         rows, k = source.shape[0], self.values.shape[1]
         threshold = self.values[:, -1:]
         # Past the first tiles a row has a few candidates: their indices, up to a fixed room
-        # (`nonzero_static`: never an output larger than the room), and the counts from them.
+        # (never an output larger than the room), and the counts from them.
         room = rows * min(k, self.ROOM_PER_ROW)
-        found = _first_indices(source > threshold, room)
-        n_found = int((found[:, 0] >= 0).sum())
-        if n_found < room:  # all of them, row-major: sorted by row
-            row, col = found[:n_found].t().contiguous()  # a copy: the queue must not keep the room
-            many = torch.bincount(row, minlength=rows) > k
+        found = self._scan(source, other, threshold, room)  # (row, col, source, other values) or None
+        if found is not None:  # all of them, row-major: sorted by row
+            many = torch.bincount(found[0], minlength=rows) > k
             dense = int(many.sum())
         else:  # more than the room (the first tiles): every row gives its top-k, exact for any count
             dense = rows
@@ -316,18 +315,54 @@ class _RunningTopK:
         # When that is a quarter of the rows or more, every row does (one top-k, no row copies).
         if 4 * dense >= rows:
             row, col, values = self._top_above(source, None, threshold)
+            other_values = other[row, col]
         else:
+            row, col, values, other_values = found
             if dense:
                 sparse = ~many[row]
-                row, col = row[sparse], col[sparse]
-            values = source[row, col]
-            if dense:
+                row, col, values, other_values = (
+                    row[sparse],
+                    col[sparse],
+                    values[sparse],
+                    other_values[sparse],
+                )
                 top_row, top_col, top_values = self._top_above(source, many.nonzero().squeeze(1), threshold)
                 row, col = torch.cat([top_row, row]), torch.cat([top_col, col])
                 values = torch.cat([top_values, values])
-        self._queue.append((row, col + start, values, other[row, col]))
+                other_values = torch.cat([other[top_row, top_col], other_values])
+        self._queue.append((row, col + start, values, other_values))
         self._queued += torch.bincount(row, minlength=rows)
         return row, col
+
+    def _scan(self, source: Tensor, other: Tensor, threshold: Tensor, room: int) -> tuple[Tensor, ...] | None:
+        """(rows, columns, source values, other values) of the entries above their row's threshold,
+        row-major, or None where there are `room` or more. Through the C kernel `sdft_above` (one
+        pass over the tile, the values gathered as it goes) where it builds, else a comparison and
+        `nonzero_static`. Measured on the bench's top-100 + tail loss alone (500 rows, vocab
+        151,936, 2-core Intel Xeon): 0.52 -> 0.41 s (the mask and its indices cost ~1.8 ms a tile)."""
+        lib = _softmax_kernel(source)
+        if lib is None or source.stride(1) != 1 or other.stride(1) != 1:
+            found = _first_indices(source > threshold, room)
+            n_found = int((found[:, 0] >= 0).sum())
+            if n_found >= room:
+                return None
+            row, col = found[:n_found].t().contiguous()  # a copy: the queue must not keep the room
+            return row, col, source[row, col], other[row, col]
+        if self._room is None or self._room[0].numel() < room:
+            self._room = tuple(
+                source.new_empty(room, dtype=dtype) for dtype in (torch.long,) * 2 + (source.dtype,) * 2
+            )
+        rows_buf, cols_buf, values_buf, other_buf = self._room
+        n_found = lib.sdft_above(
+            source.data_ptr(), source.shape[0], source.shape[1], source.stride(0), threshold.data_ptr(),
+            self.values.stride(0), room, rows_buf.data_ptr(), cols_buf.data_ptr(), other.data_ptr(),
+            other.stride(0), values_buf.data_ptr(), other_buf.data_ptr(),
+        )  # fmt: skip
+        if n_found < 0:
+            raise RuntimeError(f"sdft_above kernel: bad arguments ({source.shape[0]} rows, room {room})")
+        if n_found >= room:
+            return None
+        return tuple(t[:n_found].clone() for t in self._room)  # copies: the queue must not keep the room
 
     def _top_above(self, source: Tensor, rows: Tensor | None, threshold: Tensor) -> tuple[Tensor, ...]:
         """(row, column, value) of the tile's top-k entries above their row's threshold, for the

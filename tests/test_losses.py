@@ -219,6 +219,40 @@ def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, kernel, m
     torch.testing.assert_close(grad_fast, grad_naive, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cols", [736, 37])  # 16-wide steps and a scalar tail
+def test_candidate_scan_kernel_equals_the_mask_and_its_indices(cols):
+    """`sdft_above` gives the first `room` (row, column) entries above each row's threshold in
+    row-major order, as `source > threshold` and `nonzero_static` do, with the source's and the
+    other side's values there (a NaN is above nothing); with more than the room it says so
+    (room + 1) and stops."""
+    from sdft_lite.tiled_loss import _first_indices
+
+    lib = _softmax_tile_kernel()
+    g = torch.Generator().manual_seed(4)
+    rows = 40
+    x, other = torch.randn(rows, cols + 3, generator=g), torch.randn(rows, cols, generator=g)
+    source = x[:, :cols]  # rows cols + 3 apart
+    source[0, 5], source[1, cols - 1] = float("nan"), float("nan")
+    values = torch.randn(rows, 8, generator=g).abs() + 1.5  # thresholds: the last column, rows 8 apart
+    values[2, -1] = float("-inf")  # a row whose every entry is a candidate
+    threshold = values[:, -1:]
+    want = _first_indices(source > threshold, rows * cols)
+    want = want[want[:, 0] >= 0]
+    assert len(want) > cols  # row 2's entries and a few from every other row
+    for room in (len(want) + 5, len(want), 7):
+        bufs = [torch.full((room,), -1, dtype=torch.long) for _ in range(2)]
+        bufs += [torch.zeros(room) for _ in range(2)]
+        n = lib.sdft_above(
+            source.data_ptr(), rows, cols, source.stride(0), threshold.data_ptr(), values.stride(0), room,
+            *(b.data_ptr() for b in bufs[:2]), other.data_ptr(), other.stride(0), *(b.data_ptr() for b in bufs[2:]),
+        )  # fmt: skip
+        assert n == (len(want) if room >= len(want) else room + 1)
+        got = min(n, room)
+        assert torch.equal(torch.stack(bufs[:2], 1)[:got], want[:got])
+        row, col = want[:got].t()
+        assert torch.equal(bufs[2][:got], source[row, col]) and torch.equal(bufs[3][:got], other[row, col])
+
+
 @pytest.mark.parametrize("cols", [736, 37])  # 8- and 16-wide steps; a scalar tail
 def test_softmax_tile_kernel_equals_the_pytorch_ops(cols):
     """`sdft_softmax_tile` against the online-softmax step it replaces, over two tiles: the row

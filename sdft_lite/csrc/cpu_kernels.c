@@ -3,6 +3,7 @@
  *   sdft_int8_inputs   the proposal's kernel inputs and error bound
  *   sdft_int8_draw     the proposal's draws and their acceptance test
  *   sdft_decode_step   one decode step of a small Llama-family decoder (sdft_lite.decode)
+ *   sdft_above         the top-k loss's candidates in a vocabulary tile (sdft_lite.tiled_loss)
  *   sdft_softmax_tile  one vocabulary tile of the distillation loss's online softmax
  *                      (sdft_lite.tiled_loss)
  *   sdft_exp_max_error the largest relative error of their exp (checked on every build)
@@ -906,6 +907,46 @@ int sdft_decode_step(const decode_layer_t *layers, int64_t n_layers, const float
     }
     for (int64_t r = 0; r < rows; r++) rms_norm_row(x + r * hidden, norm_final, eps_final, hidden, out + r * hidden);
     return 0;
+}
+
+/* The (row, column) indices, in row-major order, of the entries of x [rows, cols] (rows `ld`
+ * apart) above their row's threshold (threshold[r * tstride]), the first `room` of them into
+ * row_out and col_out: the top-k loss's candidates for its support (sdft_lite.tiled_loss,
+ * `_RunningTopK.offer`), with their values into value_out and, where `other` [rows, cols] (rows
+ * ld_other apart) is given, its values at the same places into other_out. Returns how many there
+ * are, or room + 1 where there are more (the scan stops there); -1 on bad input. A NaN is above
+ * no threshold, as in PyTorch's comparison. */
+int64_t sdft_above(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *threshold, int64_t tstride,
+                   int64_t room, int64_t *row_out, int64_t *col_out, const float *other, int64_t ld_other,
+                   float *value_out, float *other_out) {
+    if (rows < 0 || cols < 0 || ld < cols || room < 0 || (other != NULL && ld_other < cols)) return -1;
+    int64_t found = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ld, t = threshold[r * tstride];
+        int64_t c = 0;
+#ifdef SDFT_AVX512
+        const __m512 tv = _mm512_set1_ps(t);
+        for (; c + 16 <= cols; c += 16) {
+            __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + c), tv, _CMP_GT_OQ);
+            while (m) {
+                if (found == room) return room + 1;
+                const int64_t cc = c + __builtin_ctz(m);
+                row_out[found] = r, col_out[found] = cc, value_out[found] = xr[cc];
+                if (other != NULL) other_out[found] = other[r * ld_other + cc];
+                found++;
+                m &= (__mmask16)(m - 1);
+            }
+        }
+#endif
+        for (; c < cols; c++)
+            if (xr[c] > t) {
+                if (found == room) return room + 1;
+                row_out[found] = r, col_out[found] = c, value_out[found] = xr[c];
+                if (other != NULL) other_out[found] = other[r * ld_other + c];
+                found++;
+            }
+    }
+    return found;
 }
 
 /* The largest relative error of the kernel's exp against double-precision exp over every fp32 x
