@@ -230,6 +230,8 @@ class CStep:
 
     def __call__(self, tokens: torch.Tensor, step: int, at: int) -> torch.Tensor:
         tokens = tokens.to(torch.int64).contiguous()
+        if tokens.shape != (self.rows,):
+            raise ValueError(f"CStep: {tuple(tokens.shape)} token ids for {self.rows} rows")
         out = torch.empty(self.rows, self.hidden)
         code = self.lib.sdft_decode_step(
             ctypes.addressof(self.layers), len(self.layers), self.embed, self.vocab, tokens.data_ptr(),
