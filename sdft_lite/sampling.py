@@ -602,6 +602,10 @@ class Int8Proposal:
         draws, fallback rows. The approximate logits and their probabilities live in two
         [B, V] buffers kept with the copy (allocated per token they would fragment the heap,
         see `decode_head`)."""
+        if not temperature > 0:
+            raise ValueError(
+                f"Int8Proposal.sample: temperature {temperature} must be > 0 (greedy keeps the fp32 head)"
+            )
         if self.kernel is not None:
             return self._sample_kernel(hidden, temperature, exact_head)
         hb, e = self.bound(hidden)

@@ -523,6 +523,8 @@ def test_int8_kernel_draws_match_their_reference(rounds, monkeypatch):
         empty = mass.clone()
         empty[3] = 0.0
         assert lib.sdft_int8_draw(probs.data_ptr(), empty.data_ptr(), *args, 1e-9, tokens.ctypes.data) == -1
+    with pytest.raises(ValueError, match="temperature 0.0 must be > 0"):
+        proposal.sample(h, 0.0, lambda x: x @ w.t())
 
 
 def test_int8_kernel_exp_is_within_its_declared_error():

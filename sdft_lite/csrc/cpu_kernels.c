@@ -197,7 +197,10 @@ static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int threa
 }
 
 /* exp(x) for fp32 x: Cody-Waite reduction by ln 2 in two parts, a degree-7 polynomial, 2^n from
- * the exponent bits. 0 below -87.3 (fp32's normal range ends there), +inf above 88.7. Its largest
+ * the exponent bits. 0 below -87.3 (fp32's normal range ends there), +inf from ~88.376 (where n
+ * reaches 128; exp is finite up to 88.72, so 88.376..88.72 give +inf too: the shifted exps of the
+ * softmax and attention never get such arguments, SiLU's x / (1 + inf) is its limit -0, and the
+ * int8 proposal samples a row whose mass is infinite from the fp32 head). Its largest
  * relative error over every fp32 input is measured by sdft_exp_max_error (tests). The vector
  * versions do the same operations per lane. */
 #define EXP_LO -87.3f
