@@ -1,6 +1,6 @@
 """C kernels for the CPU path, compiled on first use by the machine's own C compiler.
 
-One source, `csrc/cpu_kernels.c`, three kernels:
+One source, `csrc/cpu_kernels.c`, these kernels:
 - `sdft_int8_probs`: the int8 proposal's probabilities (`sampling.Int8Proposal`) in one pass over
   the int8 head copy (packed in groups of 16 ids, `sampling.pack_int8_rows`): int16 x int8 dot
   products with exact int32 sums (AMX int8 tiles where the CPU has them and Linux grants them,
@@ -11,7 +11,11 @@ One source, `csrc/cpu_kernels.c`, three kernels:
   (`decode.CStep`), on one thread;
 - `sdft_softmax_tile`: one vocabulary tile of the distillation loss's online softmax
   (`tiled_loss`): row maxima, exp, sums and the rescale of earlier sums in one pass over the tile,
-  on a thread per core.
+  on a thread per core;
+- `sdft_kl_amx`: where the CPU has AMX bf16 tiles, the loss's whole pass over a head shared by
+  teacher and student (`tiled_loss`, forward KL, full vocabulary or the student's top-k): logits,
+  online softmax, the top-k's candidates and the gradient's sums in one call, its products as
+  bf16x3, on a thread per core.
 Where no compiler is found or `SDFT_LITE_KERNELS=0`, all run as PyTorch ops instead (slower; the
 same distribution, the same loss and hidden states up to fp32 rounding).
 
@@ -131,6 +135,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sdft_softmax_tile.restype = _I64
     lib.sdft_softmax_tile.argtypes = [_P] * 5 + [_I64] * 2 + [ctypes.c_int]
     lib.sdft_exp_max_error.restype = ctypes.c_double
+    lib.sdft_kl_amx.restype = _I64
+    lib.sdft_kl_amx.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_int]
+    lib.sdft_kl_amx_bytes.restype = _I64
+    lib.sdft_kl_amx_bytes.argtypes = [_I64] * 4 + [ctypes.c_int]
     lib.sdft_exp_max_error.argtypes = [ctypes.c_float, ctypes.c_float]
     lib.sdft_simd.restype = ctypes.c_int
     lib.sdft_simd.argtypes = []

@@ -53,6 +53,7 @@ class LossSpec:
     add_tail: bool = True  # topk: one extra bucket for the remaining mass; False renormalises
     is_clip: float | None = None  # cap on the detached importance ratio p_now / p_rollout (SDPO: 2)
     chunk_budget_mb: float = 128.0  # MiB per chunk of rows; keeps loss memory flat in vocab size
+    head_precision: Literal["auto", "fp32"] = "auto"  # "auto": bf16x3 head products on AMX (tiled_loss)
 
     @classmethod
     def from_config(cls, cfg) -> LossSpec:
@@ -66,6 +67,7 @@ class LossSpec:
             add_tail=cfg.add_tail,
             is_clip=cfg.is_clip,
             chunk_budget_mb=cfg.chunk_budget_mb,
+            head_precision=cfg.head_precision,
         )
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class LossSpec:
             problems.append(f"topk_source must be student or teacher, got {self.topk_source!r}")
         if self.is_clip is not None and not self.is_clip > 0:
             problems.append(f"is_clip must be > 0 or None, got {self.is_clip}")
+        if self.head_precision not in ("auto", "fp32"):
+            problems.append(f"head_precision must be auto or fp32, got {self.head_precision!r}")
         if not self.chunk_budget_mb > 0:
             problems.append(f"chunk_budget_mb must be > 0, got {self.chunk_budget_mb}")
         if problems:

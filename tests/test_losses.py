@@ -292,6 +292,161 @@ def test_softmax_tile_kernel_equals_the_pytorch_ops(cols):
         m_ref = m_new
 
 
+def _amx_kl_kernel():
+    """The compiled `sdft_kl_amx`, or a skip where this CPU (or this kernel) has no AMX bf16 tiles."""
+    lib = _softmax_tile_kernel()
+    x, w = torch.zeros(2, 32), torch.zeros(4, 32)
+    m, z = torch.empty(2), torch.empty(2)
+    if (
+        lib.sdft_kl_amx(
+            x.data_ptr(), w.data_ptr(), m.data_ptr(), z.data_ptr(), None, None, None, 1, 1, 32, 4, 0, 1
+        )
+        == -2
+    ):
+        pytest.skip("no AMX bf16 tiles here: the loss's head products run in fp32")
+    return lib
+
+
+def _kl_amx(lib, x, w, n, k=0, grad=True, threads=2):
+    """sdft_kl_amx on teacher rows x[:n] and student rows x[n:]: (m, z, g, top values, top ids, code)."""
+    rows, hidden = x.shape
+    m, z = torch.empty(rows), torch.empty(rows)
+    g = torch.empty(rows if k == 0 else rows - n, hidden) if grad else None
+    vals = torch.empty(rows - n, k) if k else None
+    ids = torch.empty(rows - n, k, dtype=torch.long) if k else None
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    code = lib.sdft_kl_amx(
+        x.data_ptr(), w.data_ptr(), m.data_ptr(), z.data_ptr(), ptr(g), ptr(vals), ptr(ids),
+        n, rows - n, hidden, w.shape[0], k, threads,
+    )  # fmt: skip
+    return m, z, g, vals, ids, code
+
+
+# bf16x3's error per product term (the lo x lo term and the rounding of the lo parts, each at most
+# 2^-18 |a| |b|) and fp32 sums over H terms: a bound on each logit's error, from float64.
+def _bf16x3_logit_bound(x, w):
+    return (3 * 2.0**-18 + x.shape[1] * 2.0**-24) * (x.double().abs() @ w.double().abs().t())
+
+
+@pytest.mark.parametrize("hidden, threads", [(64, 1), (128, 2)])
+def test_amx_kl_kernel_full_vocabulary_against_float64(hidden, threads):
+    """`sdft_kl_amx`, the full vocabulary: each row's log-sum-exp and E_p[W] (g / z) against
+    float64 within what bf16x3 products allow (`_bf16x3_logit_bound`), for tiles of 512 ids with a
+    partial last one, row blocks of 32 with partial ones for both sides, and the threads' merge;
+    the maximum m is the row's largest logit (up to the same error)."""
+    lib = _amx_kl_kernel()
+    g = torch.Generator().manual_seed(11)
+    vocab, n_t = 1500, 37  # 3 tiles (the last one 476 ids); 37 teacher + 37 student rows
+    w = torch.randn(vocab, hidden, generator=g) * 0.3
+    x = torch.randn(2 * n_t, hidden, generator=g) * 2
+    m, z, gsum, _, _, code = _kl_amx(lib, x, w, n_t, threads=threads)
+    assert code == 0
+    logits = x.double() @ w.double().t()
+    bound = _bf16x3_logit_bound(x, w).amax(-1)
+    assert ((m.double() - logits.amax(-1)).abs() <= bound).all()
+    lse = torch.logsumexp(logits, -1)
+    err = (m.double() + z.double().log() - lse).abs()
+    assert (err <= bound + 1e-6).all() and err.max() > 0  # not fp64 by accident
+    p = torch.softmax(logits, -1)
+    want = p @ w.double()
+    scale = p @ w.double().abs()  # E_p[|W|]
+    got = gsum.double() / z.double()[:, None]
+    assert ((got - want).abs() <= (4 * bound[:, None] + 2.0**-14) * scale + 1e-7).all()
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_amx_kl_kernel_topk_support_against_float64(tail):
+    """`sdft_kl_amx` with a top-k support of the student rows: k distinct ids per row that are the
+    float64 top-k (any swap is between logits within twice the error bound of each other), their
+    logits, both sides' log-sum-exp, and the student's sum of p_v W_v over the ids outside the
+    support (each id counted once, whichever thread's tile and whichever merge it went through);
+    with logits that grow along the vocabulary (every tile raises the threshold) and a row of
+    equal logits (ties)."""
+    lib = _amx_kl_kernel()
+    g = torch.Generator().manual_seed(12)
+    vocab, hidden, n, k = 2100, 64, 40, 50
+    w = torch.randn(vocab, hidden, generator=g) * 0.3
+    w[:, 0] = torch.linspace(-3, 3, vocab)  # a trend along the vocabulary for rows with x[:, 0] > 0
+    x = torch.randn(2 * n, hidden, generator=g)
+    x[n + 1] = 0.0  # every logit 0: ties everywhere
+    m, z, gsum, vals, ids, code = _kl_amx(lib, x, w, n, k=k, grad=tail)
+    assert code == 0 and (gsum is not None) == tail
+    logits = x.double() @ w.double().t()
+    bound = _bf16x3_logit_bound(x, w).amax(-1)
+    lse = torch.logsumexp(logits, -1)
+    assert ((m.double() + z.double().log() - lse).abs() <= bound + 1e-6).all()
+    s_logits, s_bound = logits[n:], bound[n:]
+    assert ((ids >= 0) & (ids < vocab)).all()
+    assert all(len(set(row.tolist())) == k for row in ids)  # k distinct ids per row
+    kth = s_logits.topk(k, dim=-1).values[:, -1:]
+    assert (s_logits.gather(1, ids) >= kth - 2 * s_bound[:, None]).all()
+    top = s_logits.topk(k + 1, dim=-1).values
+    exact = top[:, k - 1] - top[:, k] > 2 * s_bound
+    assert exact.sum() > n // 2  # most rows have a clear k-th: there the support is exactly float64's
+    for r in exact.nonzero().flatten().tolist():
+        assert set(ids[r].tolist()) == set(s_logits[r].topk(k).indices.tolist())
+    assert ((vals.double() - s_logits.gather(1, ids)).abs() <= s_bound[:, None]).all()
+    if tail:
+        e = (s_logits - m[n:].double()[:, None]).exp().scatter(1, ids, 0.0)  # exp(l - m) off the support
+        want, scale = e @ w.double(), e @ w.double().abs()
+        assert ((gsum.double() - want).abs() <= (4 * s_bound[:, None] + 2.0**-14) * scale + 1e-6).all()
+
+
+def test_amx_kl_kernel_hands_rows_that_are_not_finite_back():
+    """A NaN or infinite hidden state or head weight: the kernel says how many (the loss then
+    takes the fp32 tiles, whose arithmetic gives NaN where PyTorch's does); bad shapes: -1."""
+    lib = _amx_kl_kernel()
+    g = torch.Generator().manual_seed(13)
+    w, x = torch.randn(700, 32, generator=g), torch.randn(6, 32, generator=g)
+    assert _kl_amx(lib, x, w, 3)[-1] == 0
+    bad_x = x.clone()
+    bad_x[4, 7] = float("nan")
+    assert _kl_amx(lib, bad_x, w, 3)[-1] > 0
+    bad_w = w.clone()
+    bad_w[650, 3] = float("inf")  # in the second tile
+    assert _kl_amx(lib, x, bad_w, 3, k=5)[-1] > 0
+    assert (
+        _kl_amx(lib, torch.randn(6, 48, generator=g), torch.randn(700, 48, generator=g), 3)[-1] == -1
+    )  # H % 32
+    assert _kl_amx(lib, x, w[:4], 3, k=5)[-1] == -1  # k > vocab
+
+
+@pytest.mark.parametrize("name", ["forward", "topk_student_tail", "topk_student_no_tail"])
+def test_vocab_tiled_amx_path_equals_naive(name, monkeypatch):
+    """With the self-teacher and H a multiple of 32, the tiled loss's pass runs in `sdft_kl_amx`
+    (bf16x3 head products): loss, log-probs and gradient equal the naive fp32 autograd ones within
+    bf16x3's error, and `head_precision: fp32` keeps the fp32 tiles."""
+    import sdft_lite.tiled_loss as tiled
+
+    _amx_kl_kernel()
+    taken = []
+    real = tiled._amx_tiles
+    monkeypatch.setattr(tiled, "_amx_tiles", lambda *a: taken.append(real(*a)) or taken[-1])
+    hidden, vocab, n = 64, 1300, 45
+    g = torch.Generator().manual_seed(14)
+    lm = nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        lm.weight.copy_(torch.randn(vocab, hidden, generator=g) * 0.5)
+    head = _trainer_head(lm)
+    hs = torch.randn(n, hidden, generator=g).requires_grad_()
+    ht = hs.detach() + 0.7 * torch.randn(n, hidden, generator=g)
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    upstream = torch.rand(n, generator=g)
+    naive = naive_distillation_loss(head(hs), head(ht), ids, SPECS[name])
+    (grad_naive,) = torch.autograd.grad((naive.per_token_loss * upstream).sum(), [hs])
+    for precision in ("auto", "fp32"):
+        spec = dataclasses.replace(SPECS[name], head_precision=precision)
+        taken.clear()
+        fast = chunked_distillation_loss(hs, ht, head, head, ids, spec, frozen_head=True)
+        (grad_fast,) = torch.autograd.grad((fast.per_token_loss * upstream).sum(), [hs])
+        assert (taken[0] is not None) == (precision == "auto")
+        tol = dict(atol=2e-4, rtol=2e-4) if precision == "auto" else dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast.per_token_loss, naive.per_token_loss, **tol)
+        torch.testing.assert_close(fast.student_logprobs, naive.student_logprobs, **tol)
+        torch.testing.assert_close(fast.teacher_logprobs, naive.teacher_logprobs, **tol)
+        torch.testing.assert_close(grad_fast, grad_naive, **tol)
+
+
 def test_running_topk_keeps_the_k_largest_of_each_row_over_tiles():
     """The tiled loss's top-k support: the same entries as torch.topk over the whole row, with the
     other side's values at the same ids, for tiles of any width (ties included); and every entry a
@@ -631,16 +786,44 @@ def test_trainer_default_loss_peak_memory_fits_the_chunk_budget(name):
     the vocabulary or the number of tokens."""
     import sdft_lite.tiled_loss as tiled
 
-    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=4.0)
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=4.0, head_precision="fp32")
     vocab, tokens = 20_000, 29
     peak = _peak_loss_bytes(vocab, tokens, spec, trainer_head=True)
     buffers = 1 if spec.support == "full" else 2  # full, one head: the probabilities overwrite the logits
     tile = tiled._tile_columns(tokens, vocab, int(spec.chunk_budget_mb * MIB), buffers)
     assert tile < vocab and buffers * (2 * tokens) * tile * 4 <= peak  # the tracker sees the tile buffers
     assert peak <= spec.chunk_budget_mb * MIB + 0.25 * MIB
-    default = dataclasses.replace(SPECS[name], chunk_budget_mb=128.0)
-    for vocab, tokens in [(151_936, 256), (32_000, 1024)]:
-        assert _peak_loss_bytes(vocab, tokens, default, trainer_head=True) <= tiled.TILE_BYTES + 0.5 * MIB
+    for precision in ("fp32", "auto"):
+        default = dataclasses.replace(SPECS[name], chunk_budget_mb=128.0, head_precision=precision)
+        for vocab, tokens in [(151_936, 256), (32_000, 1024)]:
+            assert _peak_loss_bytes(vocab, tokens, default, trainer_head=True) <= tiled.TILE_BYTES + 0.5 * MIB
+
+
+@pytest.mark.parametrize("name", ["forward", "topk_student_tail"])
+def test_amx_loss_memory_fits_the_budget(name, monkeypatch):
+    """The AMX pass (`sdft_kl_amx`) allocates in C what the tracker cannot see: `sdft_kl_amx_bytes`
+    says how much, the loss counts it in its budget (a budget below it keeps the fp32 tiles), and
+    with the PyTorch tensors the pass makes it stays within the budget and flat in the vocabulary."""
+    import sdft_lite.tiled_loss as tiled
+
+    lib = _amx_kl_kernel()
+    taken = []
+    real = tiled._amx_tiles
+    monkeypatch.setattr(tiled, "_amx_tiles", lambda *a: taken.append(real(*a)) or taken[-1])
+    k = SPECS[name].topk if SPECS[name].support == "topk" else 0
+    for vocab, tokens, budget_mb in [(20_000, 29, 4.0), (151_936, 256, 128.0), (32_000, 1024, 128.0)]:
+        spec = dataclasses.replace(SPECS[name], chunk_budget_mb=budget_mb)
+        c_bytes = lib.sdft_kl_amx_bytes(tokens, tokens, 64, k, torch.get_num_threads())
+        taken.clear()
+        peak = _peak_loss_bytes(vocab, tokens, spec, trainer_head=True)
+        assert taken and taken[0] is not None
+        assert 0 < c_bytes and peak + c_bytes <= min(budget_mb * MIB, tiled.TILE_BYTES) + 0.5 * MIB
+    spec = dataclasses.replace(
+        SPECS[name], chunk_budget_mb=lib.sdft_kl_amx_bytes(29, 29, 64, k, torch.get_num_threads()) / MIB * 0.9
+    )
+    taken.clear()
+    _peak_loss_bytes(20_000, 29, spec, trainer_head=True)
+    assert taken == [None]  # over the budget: the fp32 tiles
 
 
 def test_loss_peak_memory_does_not_grow_with_vocab_or_tokens():

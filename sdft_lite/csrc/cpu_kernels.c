@@ -6,6 +6,8 @@
  *   sdft_above         the top-k loss's candidates in a vocabulary tile (sdft_lite.tiled_loss)
  *   sdft_softmax_tile  one vocabulary tile of the distillation loss's online softmax
  *                      (sdft_lite.tiled_loss)
+ *   sdft_kl_amx        the distillation loss's whole pass over a shared head on AMX bf16 tiles
+ *                      (sdft_lite.tiled_loss), and sdft_kl_amx_bytes, what it allocates
  *   sdft_exp_max_error the largest relative error of their exp (checked on every build)
  *   sdft_simd          which vector path this build took
  *
@@ -744,6 +746,443 @@ int64_t sdft_softmax_tile(const float *x, float *probs, float *m, float *z, floa
     int64_t grew = 0;
     for (int t = 0; t < threads; t++) grew += jobs[t].grew;
     return grew;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * sdft_kl_amx: the distillation loss's pass over one head W [V, H] for teacher and student rows
+ * (sdft_lite.tiled_loss: forward KL, the self-teacher), on AMX bf16 tiles. For the rows r of x
+ * (n_t teacher rows, then n_s student rows, [n_t + n_s, H]) and l[r, v] = x[r] . W[v]:
+ *     m[r] = max_v l[r, v] (the running maximum),  z[r] = sum_v exp(l[r, v] - m[r]),
+ * and with k = 0 (the full vocabulary), for every row,
+ *     g[r, :] = sum_v exp(l[r, v] - m[r]) W[v, :];
+ * with k > 0 (a top-k support of the student's logits), for the student rows only: top_ids[r] the
+ * k ids of the largest l[r, v] (top_vals their logits, in no order) and, if g is not NULL, g[r]
+ * the same sum over the ids outside them (the tail's gradient, kept apart from the support).
+ * These are the sums of `sdft_softmax_tile`'s vocabulary tiles and two fp32 matmuls, in one pass
+ * whose logits and probabilities never leave the core's caches.
+ *
+ * Every product runs as three bf16 products with fp32 sums ("bf16x3"): a = a_hi + a_lo with
+ * a_hi = bf16(a) and a_lo = bf16(a - a_hi), a . b ~ a_hi . b_hi + a_hi . b_lo + a_lo . b_hi;
+ * what it leaves out (a_lo . b_lo and the rounding of the lo parts) is ~2^-16 of |a| |b| per
+ * term, against fp32's 2^-24 (tests/test_losses.py bounds it against float64).
+ * Each thread takes a run of KL_TV-id tiles: it repacks the tile's weights into the two tile
+ * layouts of its two products (bf16 pairs along H for the logits, along the vocabulary for g),
+ * then for each block of KL_RB rows: the [KL_RB, KL_TV] logits, their online-softmax step (the
+ * same exp as `sdft_softmax_tile`), the top-k's candidates (the logits above the row's k-th
+ * largest so far, kept in a list of at most k + KL_TV, their probabilities left out of g until
+ * a merge drops them), the probabilities split into bf16 hi / lo, and g's update. The threads'
+ * sums and lists are merged at the end. H must be a multiple of 32.
+ * Returns 0; the number of rows (or weights) that were not finite (NaN or inf: the caller then
+ * takes its fp32 path, whose arithmetic says what such rows give); -1 on bad arguments or no
+ * memory; -2 where this build or this process has no AMX bf16 tiles.
+ */
+#if defined(SDFT_AMX) && defined(__AMX_BF16__)
+#define SDFT_AMX_BF16 1
+#define KL_TV 512 /* vocabulary ids per tile */
+#define KL_RB 32  /* rows per block */
+
+/* x as bf16 hi and lo parts (round to nearest even), each as its bits in the upper half of a
+ * 32-bit lane. The caller checks that x is finite. */
+static inline void bf16_split(__m512 x, __m512i *hi, __m512i *lo) {
+    const __m512i upper = _mm512_set1_epi32((int)0xffff0000u), bias = _mm512_set1_epi32(0x7fff),
+                  one = _mm512_set1_epi32(1);
+    __m512i u = _mm512_castps_si512(x);
+    __m512i h = _mm512_and_si512(
+        _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), upper);
+    __m512i v = _mm512_castps_si512(_mm512_sub_ps(x, _mm512_castsi512_ps(h)));
+    *lo = _mm512_and_si512(
+        _mm512_add_epi32(v, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(v, 16), one))), upper);
+    *hi = h;
+}
+
+static inline int not_finite(__m512 x) {
+    __m512 d = _mm512_sub_ps(x, x); /* NaN for inf and NaN */
+    return _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q) != 0;
+}
+
+/* Two vectors of 16 bf16 (upper halves of 32-bit lanes) as 32 consecutive bf16. */
+static inline __m512i bf16_pack(__m512i a, __m512i b) {
+    __m256i lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16)), hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* Reorders v (and id alongside) so that its first k entries are its k largest (quickselect). */
+static void select_largest(float *v, int32_t *id, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                float tv = v[i];
+                int32_t ti = id[i];
+                v[i] = v[j], id[i] = id[j], v[j] = tv, id[j] = ti;
+                i++, j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+}
+
+/* Keeps the k largest of a row's n listed logits; each one dropped goes back into g (if any) as
+ * exp(l - m) W[id]. Returns the new count. */
+static int64_t keep_largest(float *v, int32_t *id, int64_t n, int64_t k, float *g, const float *w, int64_t H,
+                            float m) {
+    if (n <= k) return n;
+    select_largest(v, id, n, k);
+    if (g != NULL)
+        for (int64_t i = k; i < n; i++) {
+            __m512 e = _mm512_set1_ps(exp_scalar(v[i] - m));
+            const float *wr = w + (int64_t)id[i] * H;
+            for (int64_t c = 0; c < H; c += 16)
+                _mm512_storeu_ps(g + c, _mm512_fmadd_ps(e, _mm512_loadu_ps(wr + c), _mm512_loadu_ps(g + c)));
+        }
+    return k;
+}
+
+typedef struct {
+    const float *w;
+    const uint16_t *a; /* [rows_p][H / 32][2 (hi, lo)][32] */
+    int64_t rows_p, first_s, H, v0, v1, k, want_g;
+    float *m, *z, *g; /* this thread's sums: [rows_p], [rows_p], [rows_p, H] */
+    float *lv;        /* top-k: per student row a list of k + KL_TV logits, their ids, count, threshold */
+    int32_t *li;
+    int64_t *lc;
+    float *thr;
+    int64_t bad;
+} kl_job_t;
+
+/* The 12 tile products of one 32-wide step: C (tiles 0-3, 2 x 2 of [16, 16]) += A . B in bf16x3,
+ * A rows of 16 from a0 and a1 (hi at +0, lo at +64 bytes), B [16 pairs, 16] from b0 and b1 (hi),
+ * b0 + blo and b1 + blo (lo). */
+#define KL_STEP(a0, a1, lda, b0, b1, blo)                                                           \
+    do {                                                                                            \
+        _tile_loadd(4, (a0), (lda));                                                                \
+        _tile_loadd(5, (a1), (lda));                                                                \
+        _tile_loadd(6, (b0), 64);                                                                   \
+        _tile_loadd(7, (b1), 64);                                                                   \
+        _tile_dpbf16ps(0, 4, 6);                                                                    \
+        _tile_dpbf16ps(1, 4, 7);                                                                    \
+        _tile_dpbf16ps(2, 5, 6);                                                                    \
+        _tile_dpbf16ps(3, 5, 7);                                                                    \
+        _tile_loadd(6, (const char *)(b0) + (blo), 64);                                             \
+        _tile_loadd(7, (const char *)(b1) + (blo), 64);                                             \
+        _tile_dpbf16ps(0, 4, 6);                                                                    \
+        _tile_dpbf16ps(1, 4, 7);                                                                    \
+        _tile_dpbf16ps(2, 5, 6);                                                                    \
+        _tile_dpbf16ps(3, 5, 7);                                                                    \
+        _tile_loadd(4, (const char *)(a0) + 64, (lda));                                             \
+        _tile_loadd(5, (const char *)(a1) + 64, (lda));                                             \
+        _tile_loadd(6, (b0), 64);                                                                   \
+        _tile_loadd(7, (b1), 64);                                                                   \
+        _tile_dpbf16ps(0, 4, 6);                                                                    \
+        _tile_dpbf16ps(1, 4, 7);                                                                    \
+        _tile_dpbf16ps(2, 5, 6);                                                                    \
+        _tile_dpbf16ps(3, 5, 7);                                                                    \
+    } while (0)
+
+/* Repacks W[v0, v0 + nv) (zero rows after nv) into bl ([KL_TV / 16 panels][2][H / 2][16][2]:
+ * pairs along H, transposed from the ids' rows) and bg ([H / 16 panels][2][KL_TV / 2][16][2]:
+ * pairs of ids side by side). Returns whether a weight was not finite. */
+static int kl_repack(const float *w, int64_t v0, int64_t nv, int64_t H, uint16_t *bl, uint16_t *bg, uint32_t *tmp) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i upper = _mm512_set1_epi32((int)0xffff0000u);
+    int bad = 0;
+    for (int64_t p = 0; p < KL_TV / 16; p++) {
+        for (int n = 0; n < 16; n++) {
+            int64_t v = 16 * p + n;
+            for (int64_t c = 0; c < H / 32; c++) {
+                __m512 x0 = zero, x1 = zero;
+                if (v < nv) {
+                    x0 = _mm512_loadu_ps(w + (v0 + v) * H + 32 * c);
+                    x1 = _mm512_loadu_ps(w + (v0 + v) * H + 32 * c + 16);
+                    bad |= not_finite(x0) | not_finite(x1);
+                }
+                __m512i h0, l0, h1, l1;
+                bf16_split(x0, &h0, &l0);
+                bf16_split(x1, &h1, &l1);
+                _mm512_store_si512(tmp + (0 * 16 + n) * (H / 2) + 16 * c, bf16_pack(h0, h1));
+                _mm512_store_si512(tmp + (1 * 16 + n) * (H / 2) + 16 * c, bf16_pack(l0, l1));
+            }
+        }
+        uint32_t *out = (uint32_t *)(bl + p * 2 * (H / 2) * 32);
+        for (int s = 0; s < 2; s++)
+            for (int64_t kp = 0; kp < H / 2; kp++)
+                for (int n = 0; n < 16; n++) out[(s * (H / 2) + kp) * 16 + n] = tmp[(s * 16 + n) * (H / 2) + kp];
+    }
+    for (int64_t kp = 0; kp < KL_TV / 2; kp++)
+        for (int64_t q = 0; q < H / 16; q++) {
+            __m512 xa = 2 * kp < nv ? _mm512_loadu_ps(w + (v0 + 2 * kp) * H + 16 * q) : zero;
+            __m512 xb = 2 * kp + 1 < nv ? _mm512_loadu_ps(w + (v0 + 2 * kp + 1) * H + 16 * q) : zero;
+            __m512i ha, la, hb, lb;
+            bf16_split(xa, &ha, &la);
+            bf16_split(xb, &hb, &lb);
+            uint16_t *out = bg + ((q * 2) * (KL_TV / 2) + kp) * 32;
+            _mm512_store_si512(out, _mm512_or_si512(_mm512_srli_epi32(ha, 16), _mm512_and_si512(hb, upper)));
+            _mm512_store_si512(out + (KL_TV / 2) * 32,
+                               _mm512_or_si512(_mm512_srli_epi32(la, 16), _mm512_and_si512(lb, upper)));
+        }
+    return bad;
+}
+
+static void *kl_range(void *arg) {
+    kl_job_t *j = (kl_job_t *)arg;
+    const int64_t H = j->H, hc = H / 32, lda = 4 * H, room = j->k + KL_TV; /* A: bytes per row */
+    uint16_t *bl = aligned_alloc(64, (size_t)KL_TV * H * 4), *bg = aligned_alloc(64, (size_t)KL_TV * H * 4);
+    uint32_t *tmp = aligned_alloc(64, (size_t)2 * 16 * (H / 2) * 4);
+    float *lg = aligned_alloc(64, (size_t)KL_RB * KL_TV * 4);
+    uint16_t *pb = aligned_alloc(64, (size_t)KL_RB * KL_TV * 4); /* [KL_RB][KL_TV / 32][2][32] */
+    if (!bl || !bg || !tmp || !lg || !pb) {
+        free(bl), free(bg), free(tmp), free(lg), free(pb);
+        j->bad = -1;
+        return NULL;
+    }
+    tile_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    const int64_t bl_lo = (H / 2) * 64, bg_lo = (KL_TV / 2) * 64; /* bytes from a hi block to its lo */
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t bad = 0;
+    for (int64_t v0 = j->v0; v0 < j->v1 && !bad; v0 += KL_TV) {
+        int64_t nv = j->v1 - v0 < KL_TV ? j->v1 - v0 : KL_TV, chunks = (nv + 31) / 32;
+        if (kl_repack(j->w, v0, nv, H, bl, bg, tmp)) {
+            bad = 1;
+            break;
+        }
+        for (int64_t rb = 0; rb < j->rows_p && !bad; rb += KL_RB) {
+            const int student = rb >= j->first_s, topk = student && j->k > 0;
+            const int grad = j->want_g && (j->k == 0 || student); /* this block's g */
+            const char *a0 = (const char *)(j->a + rb * hc * 64), *a1 = a0 + 16 * lda;
+            /* the block's logits [KL_RB, KL_TV] */
+            for (int64_t nb = 0; nb < chunks * 32; nb += 32) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                const char *b0 = (const char *)(bl + (nb / 16) * 2 * (H / 2) * 32), *b1 = b0 + 2 * bl_lo;
+                for (int64_t c = 0; c < hc; c++)
+                    KL_STEP(a0 + 128 * c, a1 + 128 * c, lda, b0 + 1024 * c, b1 + 1024 * c, bl_lo);
+                _tile_stored(0, lg + nb, KL_TV * 4);
+                _tile_stored(1, lg + nb + 16, KL_TV * 4);
+                _tile_stored(2, lg + 16 * KL_TV + nb, KL_TV * 4);
+                _tile_stored(3, lg + 16 * KL_TV + nb + 16, KL_TV * 4);
+            }
+            /* the online-softmax step per row; the top-k's candidates; probabilities into pb */
+            for (int i = 0; i < KL_RB; i++) {
+                int64_t r = rb + i;
+                float *x = lg + i * KL_TV;
+                for (int64_t c = nv; c < chunks * 32; c++) x[c] = -INFINITY;
+                int nan;
+                float top = row_max(x, nv, &nan), old = j->m[r];
+                if (nan || !isfinite(top)) {
+                    bad++;
+                    continue;
+                }
+                float mx = top > old ? top : old, rescale = exp_scalar(old - mx);
+                float *g = j->g + r * H;
+                if (grad && mx > old) {
+                    __m512 sc = _mm512_set1_ps(rescale);
+                    for (int64_t c = 0; c < H; c += 16) _mm512_storeu_ps(g + c, _mm512_mul_ps(sc, _mm512_loadu_ps(g + c)));
+                }
+                float *lv = NULL;
+                int32_t *li = NULL;
+                int64_t count = 0;
+                __m512 thr = _mm512_set1_ps(INFINITY);
+                int64_t s = r - j->first_s;
+                if (topk) {
+                    lv = j->lv + s * room, li = j->li + s * room, count = j->lc[s];
+                    thr = _mm512_set1_ps(j->thr[s]);
+                }
+                __m512 shift = _mm512_set1_ps(mx), s0 = _mm512_setzero_ps(), s1 = s0;
+                uint16_t *out = pb + (size_t)i * (KL_TV / 32) * 64;
+                for (int64_t c = 0; c < chunks; c++) {
+                    __m512 x0 = _mm512_loadu_ps(x + 32 * c), x1 = _mm512_loadu_ps(x + 32 * c + 16);
+                    __m512 y0 = exp_vec(_mm512_sub_ps(x0, shift)), y1 = exp_vec(_mm512_sub_ps(x1, shift));
+                    s0 = _mm512_add_ps(s0, y0);
+                    s1 = _mm512_add_ps(s1, y1);
+                    if (topk && count + 32 > room) { /* a full list: keep its k largest, raise the threshold */
+                        count = keep_largest(lv, li, count, j->k, grad ? g : NULL, j->w, H, mx);
+                        float t = lv[0];
+                        for (int64_t e = 1; e < count; e++) t = lv[e] < t ? lv[e] : t;
+                        j->thr[s] = t;
+                        thr = _mm512_set1_ps(t);
+                    }
+                    if (topk) {
+                        __mmask16 k0 = _mm512_cmp_ps_mask(x0, thr, _CMP_GT_OQ), k1 = _mm512_cmp_ps_mask(x1, thr, _CMP_GT_OQ);
+                        if (k0 | k1) {
+                            __m512i id0 = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(v0 + 32 * c)));
+                            _mm512_mask_compressstoreu_ps(lv + count, k0, x0);
+                            _mm512_mask_compressstoreu_epi32(li + count, k0, id0);
+                            count += __builtin_popcount(k0);
+                            _mm512_mask_compressstoreu_ps(lv + count, k1, x1);
+                            _mm512_mask_compressstoreu_epi32(li + count, k1, _mm512_add_epi32(id0, _mm512_set1_epi32(16)));
+                            count += __builtin_popcount(k1);
+                            y0 = _mm512_maskz_mov_ps((__mmask16)~k0, y0);
+                            y1 = _mm512_maskz_mov_ps((__mmask16)~k1, y1);
+                        }
+                    }
+                    if (grad) {
+                        __m512i h0, l0, h1, l1;
+                        bf16_split(y0, &h0, &l0);
+                        bf16_split(y1, &h1, &l1);
+                        _mm512_store_si512(out + 64 * c, bf16_pack(h0, h1));
+                        _mm512_store_si512(out + 64 * c + 32, bf16_pack(l0, l1));
+                    }
+                }
+                if (topk) j->lc[s] = count;
+                j->z[r] = j->z[r] * rescale + vf_sum(_mm512_add_ps(s0, s1));
+                j->m[r] = mx;
+            }
+            if (bad || !grad) continue;
+            /* g[block] += probs [KL_RB, tile] . W[tile] */
+            const int64_t ldp = (KL_TV / 32) * 128;
+            const char *p0 = (const char *)pb, *p1 = p0 + 16 * ldp;
+            for (int64_t q = 0; q < H / 16; q += 2) {
+                float *g0 = j->g + rb * H + 16 * q;
+                _tile_loadd(0, g0, H * 4);
+                _tile_loadd(1, g0 + 16, H * 4);
+                _tile_loadd(2, g0 + 16 * H, H * 4);
+                _tile_loadd(3, g0 + 16 * H + 16, H * 4);
+                const char *b0 = (const char *)(bg + q * 2 * (KL_TV / 2) * 32), *b1 = b0 + 2 * bg_lo;
+                for (int64_t c = 0; c < chunks; c++)
+                    KL_STEP(p0 + 128 * c, p1 + 128 * c, ldp, b0 + 1024 * c, b1 + 1024 * c, bg_lo);
+                _tile_stored(0, g0, H * 4);
+                _tile_stored(1, g0 + 16, H * 4);
+                _tile_stored(2, g0 + 16 * H, H * 4);
+                _tile_stored(3, g0 + 16 * H + 16, H * 4);
+            }
+        }
+    }
+    _tile_release();
+    free(bl), free(bg), free(tmp), free(lg), free(pb);
+    j->bad = bad;
+    return NULL;
+}
+#endif
+
+/* The bytes sdft_kl_amx allocates for these arguments (tiled_loss counts them in its budget). */
+int64_t sdft_kl_amx_bytes(int64_t n_t, int64_t n_s, int64_t H, int64_t k, int threads) {
+#ifdef SDFT_AMX_BF16
+    int64_t nt_p = (n_t + KL_RB - 1) / KL_RB * KL_RB, ns_p = (n_s + KL_RB - 1) / KL_RB * KL_RB, rows_p = nt_p + ns_p;
+    int64_t per_thread = 2 * KL_TV * H * 4 + 2 * 16 * (H / 2) * 4 + 2 * KL_RB * KL_TV * 4;
+    int64_t state = rows_p * (H + 2) * 4 + (k > 0 ? ns_p * ((k + KL_TV) * 8 + 12) : 0);
+    return rows_p * H * 4 + threads * (per_thread + state) + (k > 0 ? threads * (k + KL_TV) * 8 : 0);
+#else
+    (void)n_t, (void)n_s, (void)H, (void)k, (void)threads;
+    return 0;
+#endif
+}
+
+int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g, float *top_vals,
+                    int64_t *top_ids, int64_t n_t, int64_t n_s, int64_t H, int64_t vocab, int64_t k, int threads) {
+#ifdef SDFT_AMX_BF16
+    if (!amx_usable()) return -2;
+    if (n_t < 0 || n_s < 0 || n_t + n_s < 1 || H < 32 || H % 32 || vocab < 1 || threads < 1 || k < 0 || k > vocab)
+        return -1;
+    if (k > 0 && (top_ids == NULL || top_vals == NULL || vocab > INT32_MAX)) return -1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const int64_t tiles = (vocab + KL_TV - 1) / KL_TV, room = k + KL_TV;
+    const int64_t nt_p = (n_t + KL_RB - 1) / KL_RB * KL_RB, ns_p = (n_s + KL_RB - 1) / KL_RB * KL_RB;
+    const int64_t rows_p = nt_p + ns_p, lists = k > 0 ? ns_p : 0;
+    if (threads > tiles) threads = (int)tiles;
+    uint16_t *a = aligned_alloc(64, (size_t)rows_p * H * 4);
+    char *state = malloc((size_t)threads * (rows_p * (H + 2) * 4 + lists * (room * 8 + 12)) + 1);
+    float *mv = k > 0 ? malloc((size_t)threads * room * 4) : NULL;
+    int32_t *mi = k > 0 ? malloc((size_t)threads * room * 4) : NULL;
+    if (!a || !state || (k > 0 && (!mv || !mi))) {
+        free(a), free(state), free(mv), free(mi);
+        return -1;
+    }
+    int64_t bad = 0;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t pr = 0; pr < rows_p; pr++) { /* padded row pr: teacher row pr, or student row pr - nt_p */
+        int64_t r = pr < nt_p ? (pr < n_t ? pr : -1) : (pr - nt_p < n_s ? n_t + pr - nt_p : -1);
+        for (int64_t c = 0; c < H / 32; c++) {
+            __m512 x0 = zero, x1 = zero;
+            if (r >= 0) {
+                x0 = _mm512_loadu_ps(x + r * H + 32 * c);
+                x1 = _mm512_loadu_ps(x + r * H + 32 * c + 16);
+                bad += not_finite(x0) || not_finite(x1);
+            }
+            __m512i h0, l0, h1, l1;
+            bf16_split(x0, &h0, &l0);
+            bf16_split(x1, &h1, &l1);
+            _mm512_store_si512(a + (pr * (H / 32) + c) * 64, bf16_pack(h0, h1));
+            _mm512_store_si512(a + (pr * (H / 32) + c) * 64 + 32, bf16_pack(l0, l1));
+        }
+    }
+    const int want_g = g != NULL;
+    kl_job_t jobs[MAX_THREADS];
+    for (int t = 0; t < threads && !bad; t++) {
+        char *s = state + (size_t)t * (rows_p * (H + 2) * 4 + lists * (room * 8 + 12));
+        kl_job_t job;
+        memset(&job, 0, sizeof job);
+        job.w = w, job.a = a, job.rows_p = rows_p, job.first_s = nt_p, job.H = H, job.k = k, job.want_g = want_g;
+        job.v0 = tiles * t / threads * KL_TV;
+        job.v1 = tiles * (t + 1) / threads * KL_TV;
+        if (job.v1 > vocab) job.v1 = vocab;
+        job.m = (float *)s, job.z = job.m + rows_p, job.g = job.z + rows_p;
+        job.lv = job.g + rows_p * H, job.li = (int32_t *)(job.lv + lists * room);
+        job.lc = (int64_t *)(job.li + lists * room), job.thr = (float *)(job.lc + lists);
+        for (int64_t r = 0; r < rows_p; r++) job.m[r] = -INFINITY, job.z[r] = 0.0f;
+        memset(job.g, 0, (size_t)rows_p * H * 4);
+        for (int64_t r = 0; r < lists; r++) job.lc[r] = 0, job.thr[r] = -INFINITY;
+        jobs[t] = job;
+    }
+    if (!bad) run_parallel(kl_range, jobs, sizeof(kl_job_t), threads);
+    for (int t = 0; t < threads && !bad; t++) {
+        if (jobs[t].bad < 0) bad = -1;
+        else bad += jobs[t].bad;
+    }
+    if (bad == 0)
+        for (int64_t pr = 0; pr < rows_p; pr++) {
+            int student = pr >= nt_p;
+            int64_t r = student ? pr - nt_p : pr;
+            if (r >= (student ? n_s : n_t)) continue;
+            float mx = -INFINITY, zs = 0.0f;
+            for (int t = 0; t < threads; t++) mx = jobs[t].m[pr] > mx ? jobs[t].m[pr] : mx;
+            int grad = want_g && (k == 0 || student);
+            float *gr = grad ? g + (k == 0 ? pr - (student ? nt_p - n_t : 0) : r) * H : NULL;
+            if (grad) memset(gr, 0, (size_t)H * 4);
+            int64_t count = 0;
+            for (int t = 0; t < threads; t++) {
+                float f = exp_scalar(jobs[t].m[pr] - mx);
+                zs += jobs[t].z[pr] * f;
+                if (grad) {
+                    const float *gt = jobs[t].g + pr * H;
+                    for (int64_t c = 0; c < H; c++) gr[c] += f * gt[c];
+                }
+                if (k > 0 && student) {
+                    int64_t n = jobs[t].lc[r];
+                    memcpy(mv + count, jobs[t].lv + r * room, (size_t)n * 4);
+                    memcpy(mi + count, jobs[t].li + r * room, (size_t)n * 4);
+                    count += n;
+                }
+            }
+            if (k > 0 && student) {
+                if (count < k) { /* cannot happen: every id is in a list or in g */
+                    bad = -1;
+                    break;
+                }
+                keep_largest(mv, mi, count, k, gr, w, H, mx);
+                for (int64_t e = 0; e < k; e++) top_vals[r * k + e] = mv[e], top_ids[r * k + e] = mi[e];
+            }
+            int64_t out = student ? n_t + r : r;
+            m[out] = mx, z[out] = zs;
+        }
+    free(a), free(state), free(mv), free(mi);
+    return bad;
+#else
+    (void)x, (void)w, (void)m, (void)z, (void)g, (void)top_vals, (void)top_ids, (void)n_t, (void)n_s, (void)H;
+    (void)vocab, (void)k, (void)threads;
+    return -2;
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------------
