@@ -136,7 +136,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sdft_softmax_tile.argtypes = [_P] * 5 + [_I64] * 2 + [ctypes.c_int]
     lib.sdft_exp_max_error.restype = ctypes.c_double
     lib.sdft_kl_amx.restype = _I64
-    lib.sdft_kl_amx.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_int]
+    lib.sdft_kl_amx.argtypes = [_P] * 8 + [_I64] * 5 + [ctypes.c_int]
     lib.sdft_kl_amx_bytes.restype = _I64
     lib.sdft_kl_amx_bytes.argtypes = [_I64] * 4 + [ctypes.c_int]
     lib.sdft_exp_max_error.argtypes = [ctypes.c_float, ctypes.c_float]

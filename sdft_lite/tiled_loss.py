@@ -41,7 +41,6 @@ SOFTMAX_C_KERNEL = True
 # Xeon (4th gen), the bench's loss pass (1,000 rows, vocab 151,936, H 128): 0.17 s; the fp32
 # tiles: ~0.30 s. Its buffers: ~1 MiB per thread plus three copies of the rows' [2n, H] sums.
 AMX_KL_KERNEL = True
-SUPPORT_GATHER_BYTES = 4 * 2**20  # the support's head rows, gathered in pieces of at most this
 MAX_AMX_TOPK = 1024  # larger supports take the fp32 tiles (the kernel keeps k + 512 candidates per row)
 
 
@@ -139,16 +138,6 @@ class _Support:
     source_is_student: bool
 
 
-def _support_logits(s_h: Tensor, t_h: Tensor, w: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Both sides' fp32 logits on a support, [n, k] each: h[r] . w[ids[r, j]], the head's rows
-    gathered once for both, SUPPORT_GATHER_BYTES at a time."""
-    n, k = ids.shape
-    rows = max(1, SUPPORT_GATHER_BYTES // max(1, k * w.shape[1] * _FP32_BYTES))
-    both = torch.stack([s_h, t_h], dim=2)  # [n, H, 2]
-    out = torch.cat([torch.bmm(w[ids[i : i + rows]], both[i : i + rows]) for i in range(0, n, rows)])
-    return out[..., 0], out[..., 1]
-
-
 def _amx_tiles(both: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles | None:
     """The one-head pass through `sdft_kl_amx` (full vocabulary, or a top-k support of the
     student's logits), or None where it does not apply: no AMX bf16 tiles here, fp32 asked for,
@@ -176,7 +165,7 @@ def _amx_tiles(both: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles |
     both = both.contiguous()
     m, z = both.new_empty(rows, 1), both.new_empty(rows, 1)
     g = both.new_empty(rows if full else n, hidden) if full or spec.add_tail else None
-    vals = both.new_empty(n, k) if k else None
+    top_s, top_t = (both.new_empty(n, k), both.new_empty(n, k)) if k else (None, None)
     ids = torch.empty(n, k, dtype=torch.long) if k else None
     code = lib.sdft_kl_amx(
         both.data_ptr(),
@@ -184,7 +173,8 @@ def _amx_tiles(both: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles |
         m.data_ptr(),
         z.data_ptr(),
         None if g is None else g.data_ptr(),
-        None if vals is None else vals.data_ptr(),
+        None if top_s is None else top_s.data_ptr(),
+        None if top_t is None else top_t.data_ptr(),
         None if ids is None else ids.data_ptr(),
         n,
         n,
@@ -199,12 +189,10 @@ def _amx_tiles(both: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles |
         )
     if code != 0:  # -2: no AMX bf16 here; > 0: rows or weights that are not finite
         return None
-    t_h, s_h = both[:n], both[n:]
     if full:
-        return _Tiles(m + z.log(), z, None, g, None, w, t_h - s_h)
-    # The support's logits again in fp32 (k per row: the kernel's bf16x3 ones chose it).
-    top = _Support(ids, *_support_logits(s_h, t_h, w, ids), True)
-    return _Tiles(m + z.log(), z, None, g, top, w)
+        return _Tiles(m + z.log(), z, None, g, None, w, both[:n] - both[n:])
+    # The support's logits are fp32 (the kernel's bf16x3 ones chose it).
+    return _Tiles(m + z.log(), z, None, g, _Support(ids, top_s, top_t, True), w)
 
 
 def _stream_tiles(s_h: Tensor, t_h: Tensor, w_s: Tensor, w_t: Tensor, spec: LossSpec, budget: int) -> _Tiles:

@@ -752,12 +752,14 @@ int64_t sdft_softmax_tile(const float *x, float *probs, float *m, float *z, floa
  * sdft_kl_amx: the distillation loss's pass over one head W [V, H] for teacher and student rows
  * (sdft_lite.tiled_loss: forward KL, the self-teacher), on AMX bf16 tiles. For the rows r of x
  * (n_t teacher rows, then n_s student rows, [n_t + n_s, H]) and l[r, v] = x[r] . W[v]:
- *     m[r] = max_v l[r, v] (the running maximum),  z[r] = sum_v exp(l[r, v] - m[r]),
+ *     m[r] a reference within KL_LAG below max_v l[r, v],  z[r] = sum_v exp(l[r, v] - m[r]),
  * and with k = 0 (the full vocabulary), for every row,
  *     g[r, :] = sum_v exp(l[r, v] - m[r]) W[v, :];
  * with k > 0 (a top-k support of the student's logits), for the student rows only: top_ids[r] the
- * k ids of the largest l[r, v] (top_vals their logits, in no order) and, if g is not NULL, g[r]
- * the same sum over the ids outside them (the tail's gradient, kept apart from the support).
+ * k ids of the largest l[r, v] (in no order), top_s[r] and top_t[r] the student's and the
+ * teacher's fp32 logits on them (x[n_t + r] . W[id] and x[r] . W[id]; n_t = n_s) and, if g is not
+ * NULL, g[r] the same sum over the ids outside them (the tail's gradient, kept apart from the
+ * support).
  * These are the sums of `sdft_softmax_tile`'s vocabulary tiles and two fp32 matmuls, in one pass
  * whose logits and probabilities never leave the core's caches.
  *
@@ -767,32 +769,35 @@ int64_t sdft_softmax_tile(const float *x, float *probs, float *m, float *z, floa
  * term, against fp32's 2^-24 (tests/test_losses.py bounds it against float64).
  * Each thread takes a run of KL_TV-id tiles: it repacks the tile's weights into the two tile
  * layouts of its two products (bf16 pairs along H for the logits, along the vocabulary for g),
- * then for each block of KL_RB rows: the [KL_RB, KL_TV] logits, their online-softmax step (the
- * same exp as `sdft_softmax_tile`), the top-k's candidates (the logits above the row's k-th
- * largest so far, kept in a list of at most k + KL_TV, their probabilities left out of g until
- * a merge drops them), the probabilities split into bf16 hi / lo, and g's update. The threads'
- * sums and lists are merged at the end. H must be a multiple of 32.
+ * then for each block of KL_RB rows: the [KL_RB, KL_TV] logits, their online-softmax step in one
+ * pass (the same exp as `sdft_softmax_tile`, shifted by a reference that moves only where a
+ * tile's maximum rises more than KL_LAG above it: the first tile's maximum, mostly), the top-k's
+ * candidates (the logits above the row's k-th largest at the last merge, kept in a list of at
+ * most KL_ROOM(k), their probabilities left out of g until a merge drops them), the
+ * probabilities split into bf16 hi / lo, and g's update. The threads' sums and lists are merged
+ * at the end. H must be a multiple of 32.
  * Returns 0; the number of rows (or weights) that were not finite (NaN or inf: the caller then
  * takes its fp32 path, whose arithmetic says what such rows give); -1 on bad arguments or no
  * memory; -2 where this build or this process has no AMX bf16 tiles.
  */
-#if defined(SDFT_AMX) && defined(__AMX_BF16__)
+#if defined(SDFT_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define SDFT_AMX_BF16 1
 #define KL_TV 512 /* vocabulary ids per tile */
 #define KL_RB 32  /* rows per block */
+#define KL_ROOM(k) ((k) + 2 * KL_TV) /* a row's list of top-k candidates */
+/* How far a tile's maximum may rise above a row's reference before the sums move to it: exp of
+ * at most e^30 per id keeps every sum finite (e^30 x 2^31 ids < fp32's 3.4e38). */
+#define KL_LAG 30.0f
 
-/* x as bf16 hi and lo parts (round to nearest even), each as its bits in the upper half of a
- * 32-bit lane. The caller checks that x is finite. */
-static inline void bf16_split(__m512 x, __m512i *hi, __m512i *lo) {
-    const __m512i upper = _mm512_set1_epi32((int)0xffff0000u), bias = _mm512_set1_epi32(0x7fff),
-                  one = _mm512_set1_epi32(1);
-    __m512i u = _mm512_castps_si512(x);
-    __m512i h = _mm512_and_si512(
-        _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), upper);
-    __m512i v = _mm512_castps_si512(_mm512_sub_ps(x, _mm512_castsi512_ps(h)));
-    *lo = _mm512_and_si512(
-        _mm512_add_epi32(v, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(v, 16), one))), upper);
-    *hi = h;
+/* x0 and x1 as 32 bf16 hi parts (x0's first) and 32 lo parts: hi = bf16(x), lo = bf16(x - hi),
+ * both rounded to nearest even (vcvtneps2bf16, which reads fp32 denormals as 0: below 2^-126
+ * the parts' error is below 2^-126 too). The caller checks that x0 and x1 are finite. */
+static inline void bf16_split(__m512 x0, __m512 x1, __m512i *hi, __m512i *lo) {
+    __m256bh h0 = _mm512_cvtneps_pbh(x0), h1 = _mm512_cvtneps_pbh(x1);
+    __m256bh l0 = _mm512_cvtneps_pbh(_mm512_sub_ps(x0, _mm512_cvtpbh_ps(h0)));
+    __m256bh l1 = _mm512_cvtneps_pbh(_mm512_sub_ps(x1, _mm512_cvtpbh_ps(h1)));
+    *hi = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)h0), (__m256i)h1, 1);
+    *lo = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)l0), (__m256i)l1, 1);
 }
 
 static inline int not_finite(__m512 x) {
@@ -800,10 +805,28 @@ static inline int not_finite(__m512 x) {
     return _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q) != 0;
 }
 
-/* Two vectors of 16 bf16 (upper halves of 32-bit lanes) as 32 consecutive bf16. */
-static inline __m512i bf16_pack(__m512i a, __m512i b) {
-    __m256i lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16)), hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+/* r[i][j] -> r[j][i] for 16 vectors of 16 32-bit lanes. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
 }
 
 /* Reorders v (and id alongside) so that its first k entries are its k largest (quickselect). */
@@ -836,6 +859,8 @@ static int64_t keep_largest(float *v, int32_t *id, int64_t n, int64_t k, float *
     select_largest(v, id, n, k);
     if (g != NULL)
         for (int64_t i = k; i < n; i++) {
+            if (i + 8 < n) /* the head rows are far apart: fetch ahead */
+                for (int64_t c = 0; c < H; c += 16) _mm_prefetch((const char *)(w + (int64_t)id[i + 8] * H + c), _MM_HINT_T0);
             __m512 e = _mm512_set1_ps(exp_scalar(v[i] - m));
             const float *wr = w + (int64_t)id[i] * H;
             for (int64_t c = 0; c < H; c += 16)
@@ -849,7 +874,7 @@ typedef struct {
     const uint16_t *a; /* [rows_p][H / 32][2 (hi, lo)][32] */
     int64_t rows_p, first_s, H, v0, v1, k, want_g;
     float *m, *z, *g; /* this thread's sums: [rows_p], [rows_p], [rows_p, H] */
-    float *lv;        /* top-k: per student row a list of k + KL_TV logits, their ids, count, threshold */
+    float *lv;        /* top-k: per student row a list of KL_ROOM(k) logits, their ids, count, threshold */
     int32_t *li;
     int64_t *lc;
     float *thr;
@@ -890,7 +915,9 @@ typedef struct {
  * pairs of ids side by side). Returns whether a weight was not finite. */
 static int kl_repack(const float *w, int64_t v0, int64_t nv, int64_t H, uint16_t *bl, uint16_t *bg, uint32_t *tmp) {
     const __m512 zero = _mm512_setzero_ps();
-    const __m512i upper = _mm512_set1_epi32((int)0xffff0000u);
+    static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i pairs = _mm512_loadu_si512(order);
     int bad = 0;
     for (int64_t p = 0; p < KL_TV / 16; p++) {
         for (int n = 0; n < 16; n++) {
@@ -902,39 +929,41 @@ static int kl_repack(const float *w, int64_t v0, int64_t nv, int64_t H, uint16_t
                     x1 = _mm512_loadu_ps(w + (v0 + v) * H + 32 * c + 16);
                     bad |= not_finite(x0) | not_finite(x1);
                 }
-                __m512i h0, l0, h1, l1;
-                bf16_split(x0, &h0, &l0);
-                bf16_split(x1, &h1, &l1);
-                _mm512_store_si512(tmp + (0 * 16 + n) * (H / 2) + 16 * c, bf16_pack(h0, h1));
-                _mm512_store_si512(tmp + (1 * 16 + n) * (H / 2) + 16 * c, bf16_pack(l0, l1));
+                __m512i hi, lo;
+                bf16_split(x0, x1, &hi, &lo);
+                _mm512_store_si512(tmp + (0 * 16 + n) * (H / 2) + 16 * c, hi);
+                _mm512_store_si512(tmp + (1 * 16 + n) * (H / 2) + 16 * c, lo);
             }
         }
         uint32_t *out = (uint32_t *)(bl + p * 2 * (H / 2) * 32);
         for (int s = 0; s < 2; s++)
-            for (int64_t kp = 0; kp < H / 2; kp++)
-                for (int n = 0; n < 16; n++) out[(s * (H / 2) + kp) * 16 + n] = tmp[(s * 16 + n) * (H / 2) + kp];
+            for (int64_t kb = 0; kb < H / 2; kb += 16) {
+                __m512i r[16];
+                for (int n = 0; n < 16; n++) r[n] = _mm512_load_si512(tmp + (s * 16 + n) * (H / 2) + kb);
+                transpose16(r);
+                for (int e = 0; e < 16; e++) _mm512_store_si512(out + (s * (H / 2) + kb + e) * 16, r[e]);
+            }
     }
     for (int64_t kp = 0; kp < KL_TV / 2; kp++)
         for (int64_t q = 0; q < H / 16; q++) {
             __m512 xa = 2 * kp < nv ? _mm512_loadu_ps(w + (v0 + 2 * kp) * H + 16 * q) : zero;
             __m512 xb = 2 * kp + 1 < nv ? _mm512_loadu_ps(w + (v0 + 2 * kp + 1) * H + 16 * q) : zero;
-            __m512i ha, la, hb, lb;
-            bf16_split(xa, &ha, &la);
-            bf16_split(xb, &hb, &lb);
+            __m512i hi, lo; /* [a0..a15, b0..b15]: interleaved to a0 b0 a1 b1 ... */
+            bf16_split(xa, xb, &hi, &lo);
             uint16_t *out = bg + ((q * 2) * (KL_TV / 2) + kp) * 32;
-            _mm512_store_si512(out, _mm512_or_si512(_mm512_srli_epi32(ha, 16), _mm512_and_si512(hb, upper)));
-            _mm512_store_si512(out + (KL_TV / 2) * 32,
-                               _mm512_or_si512(_mm512_srli_epi32(la, 16), _mm512_and_si512(lb, upper)));
+            _mm512_store_si512(out, _mm512_permutexvar_epi16(pairs, hi));
+            _mm512_store_si512(out + (KL_TV / 2) * 32, _mm512_permutexvar_epi16(pairs, lo));
         }
     return bad;
 }
 
 static void *kl_range(void *arg) {
     kl_job_t *j = (kl_job_t *)arg;
-    const int64_t H = j->H, hc = H / 32, lda = 4 * H, room = j->k + KL_TV; /* A: bytes per row */
+    const int64_t H = j->H, hc = H / 32, lda = 4 * H, room = KL_ROOM(j->k); /* A: bytes per row */
     uint16_t *bl = aligned_alloc(64, (size_t)KL_TV * H * 4), *bg = aligned_alloc(64, (size_t)KL_TV * H * 4);
     uint32_t *tmp = aligned_alloc(64, (size_t)2 * 16 * (H / 2) * 4);
-    float *lg = aligned_alloc(64, (size_t)KL_RB * KL_TV * 4);
+    float *lg = aligned_alloc(64, (size_t)KL_RB * KL_TV * 4), first[KL_TV];
+    int32_t first_ids[KL_TV];
     uint16_t *pb = aligned_alloc(64, (size_t)KL_RB * KL_TV * 4); /* [KL_RB][KL_TV / 32][2][32] */
     if (!bl || !bg || !tmp || !lg || !pb) {
         free(bl), free(bg), free(tmp), free(lg), free(pb);
@@ -975,69 +1004,93 @@ static void *kl_range(void *arg) {
             }
             /* the online-softmax step per row; the top-k's candidates; probabilities into pb */
             for (int i = 0; i < KL_RB; i++) {
-                int64_t r = rb + i;
-                float *x = lg + i * KL_TV;
+                int64_t r = rb + i, s = r - j->first_s;
+                float *x = lg + i * KL_TV, *g = j->g + r * H;
                 for (int64_t c = nv; c < chunks * 32; c++) x[c] = -INFINITY;
-                int nan;
-                float top = row_max(x, nv, &nan), old = j->m[r];
-                if (nan || !isfinite(top)) {
-                    bad++;
-                    continue;
-                }
-                float mx = top > old ? top : old, rescale = exp_scalar(old - mx);
-                float *g = j->g + r * H;
-                if (grad && mx > old) {
-                    __m512 sc = _mm512_set1_ps(rescale);
-                    for (int64_t c = 0; c < H; c += 16) _mm512_storeu_ps(g + c, _mm512_mul_ps(sc, _mm512_loadu_ps(g + c)));
+                float ref = j->m[r];
+                if (ref == -INFINITY) { /* the row's first tile: its maximum is the reference */
+                    int nan;
+                    ref = row_max(x, nv, &nan);
+                    if (nan || !isfinite(ref)) {
+                        bad++;
+                        continue;
+                    }
                 }
                 float *lv = NULL;
                 int32_t *li = NULL;
-                int64_t count = 0;
+                int64_t start = 0;
                 __m512 thr = _mm512_set1_ps(INFINITY);
-                int64_t s = r - j->first_s;
                 if (topk) {
-                    lv = j->lv + s * room, li = j->li + s * room, count = j->lc[s];
+                    lv = j->lv + s * room, li = j->li + s * room, start = j->lc[s];
+                    if (start == 0 && nv >= j->k) { /* the first tile: its k largest are the candidates */
+                        memcpy(first, x, (size_t)nv * 4);
+                        select_largest(first, first_ids, nv, j->k);
+                        float t = first[0];
+                        for (int64_t e = 1; e < j->k; e++) t = first[e] < t ? first[e] : t;
+                        j->thr[s] = nextafterf(t, -INFINITY); /* x > thr: x >= the k-th largest */
+                    }
+                    if (start > 2 * j->k || start + nv > room) { /* keep the k largest, raise the threshold */
+                        start = keep_largest(lv, li, start, j->k, grad ? g : NULL, j->w, H, ref);
+                        float t = lv[0];
+                        for (int64_t e = 1; e < start; e++) t = lv[e] < t ? lv[e] : t;
+                        j->thr[s] = t;
+                    }
                     thr = _mm512_set1_ps(j->thr[s]);
                 }
-                __m512 shift = _mm512_set1_ps(mx), s0 = _mm512_setzero_ps(), s1 = s0;
                 uint16_t *out = pb + (size_t)i * (KL_TV / 32) * 64;
-                for (int64_t c = 0; c < chunks; c++) {
-                    __m512 x0 = _mm512_loadu_ps(x + 32 * c), x1 = _mm512_loadu_ps(x + 32 * c + 16);
-                    __m512 y0 = exp_vec(_mm512_sub_ps(x0, shift)), y1 = exp_vec(_mm512_sub_ps(x1, shift));
-                    s0 = _mm512_add_ps(s0, y0);
-                    s1 = _mm512_add_ps(s1, y1);
-                    if (topk && count + 32 > room) { /* a full list: keep its k largest, raise the threshold */
-                        count = keep_largest(lv, li, count, j->k, grad ? g : NULL, j->w, H, mx);
-                        float t = lv[0];
-                        for (int64_t e = 1; e < count; e++) t = lv[e] < t ? lv[e] : t;
-                        j->thr[s] = t;
-                        thr = _mm512_set1_ps(t);
-                    }
-                    if (topk) {
-                        __mmask16 k0 = _mm512_cmp_ps_mask(x0, thr, _CMP_GT_OQ), k1 = _mm512_cmp_ps_mask(x1, thr, _CMP_GT_OQ);
-                        if (k0 | k1) {
-                            __m512i id0 = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(v0 + 32 * c)));
-                            _mm512_mask_compressstoreu_ps(lv + count, k0, x0);
-                            _mm512_mask_compressstoreu_epi32(li + count, k0, id0);
-                            count += __builtin_popcount(k0);
-                            _mm512_mask_compressstoreu_ps(lv + count, k1, x1);
-                            _mm512_mask_compressstoreu_epi32(li + count, k1, _mm512_add_epi32(id0, _mm512_set1_epi32(16)));
-                            count += __builtin_popcount(k1);
-                            y0 = _mm512_maskz_mov_ps((__mmask16)~k0, y0);
-                            y1 = _mm512_maskz_mov_ps((__mmask16)~k1, y1);
+                for (;;) { /* once, or twice where the tile's maximum is more than KL_LAG above ref */
+                    int64_t count = start;
+                    __m512 shift = _mm512_set1_ps(ref), s0 = _mm512_setzero_ps(), s1 = s0;
+                    __m512 top = _mm512_set1_ps(-INFINITY);
+                    __mmask16 unord = 0;
+                    for (int64_t c = 0; c < chunks; c++) {
+                        __m512 x0 = _mm512_loadu_ps(x + 32 * c), x1 = _mm512_loadu_ps(x + 32 * c + 16);
+                        top = _mm512_max_ps(top, _mm512_max_ps(x0, x1));
+                        unord |= _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q);
+                        __m512 y0 = exp_vec(_mm512_sub_ps(x0, shift)), y1 = exp_vec(_mm512_sub_ps(x1, shift));
+                        s0 = _mm512_add_ps(s0, y0);
+                        s1 = _mm512_add_ps(s1, y1);
+                        if (topk) {
+                            __mmask16 k0 = _mm512_cmp_ps_mask(x0, thr, _CMP_GT_OQ), k1 = _mm512_cmp_ps_mask(x1, thr, _CMP_GT_OQ);
+                            if (k0 | k1) {
+                                __m512i id0 = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(v0 + 32 * c)));
+                                _mm512_mask_compressstoreu_ps(lv + count, k0, x0);
+                                _mm512_mask_compressstoreu_epi32(li + count, k0, id0);
+                                count += __builtin_popcount(k0);
+                                _mm512_mask_compressstoreu_ps(lv + count, k1, x1);
+                                _mm512_mask_compressstoreu_epi32(li + count, k1, _mm512_add_epi32(id0, _mm512_set1_epi32(16)));
+                                count += __builtin_popcount(k1);
+                                y0 = _mm512_maskz_mov_ps((__mmask16)~k0, y0);
+                                y1 = _mm512_maskz_mov_ps((__mmask16)~k1, y1);
+                            }
+                        }
+                        if (grad) {
+                            __m512i hi, lo;
+                            bf16_split(y0, y1, &hi, &lo);
+                            _mm512_store_si512(out + 64 * c, hi);
+                            _mm512_store_si512(out + 64 * c + 32, lo);
                         }
                     }
-                    if (grad) {
-                        __m512i h0, l0, h1, l1;
-                        bf16_split(y0, &h0, &l0);
-                        bf16_split(y1, &h1, &l1);
-                        _mm512_store_si512(out + 64 * c, bf16_pack(h0, h1));
-                        _mm512_store_si512(out + 64 * c + 32, bf16_pack(l0, l1));
+                    float tmax = _mm512_reduce_max_ps(top);
+                    if (unord || !isfinite(tmax)) {
+                        bad++;
+                        break;
                     }
+                    if (tmax > ref + KL_LAG) { /* earlier sums to the new reference, and this tile again */
+                        float rescale = exp_scalar(ref - tmax);
+                        j->z[r] *= rescale;
+                        if (grad) {
+                            __m512 sc = _mm512_set1_ps(rescale);
+                            for (int64_t c = 0; c < H; c += 16) _mm512_storeu_ps(g + c, _mm512_mul_ps(sc, _mm512_loadu_ps(g + c)));
+                        }
+                        ref = tmax;
+                        continue;
+                    }
+                    if (topk) j->lc[s] = count;
+                    j->z[r] += vf_sum(_mm512_add_ps(s0, s1));
+                    j->m[r] = ref;
+                    break;
                 }
-                if (topk) j->lc[s] = count;
-                j->z[r] = j->z[r] * rescale + vf_sum(_mm512_add_ps(s0, s1));
-                j->m[r] = mx;
             }
             if (bad || !grad) continue;
             /* g[block] += probs [KL_RB, tile] . W[tile] */
@@ -1064,6 +1117,75 @@ static void *kl_range(void *arg) {
     j->bad = bad;
     return NULL;
 }
+/* The threads' sums for rows [p0, p1) (padded indices): m, z and g to the largest reference;
+ * with a top-k, the k largest of the threads' lists (the others go into g) and both sides' fp32
+ * logits on them. */
+typedef struct {
+    const kl_job_t *jobs;
+    int threads;
+    const float *x, *w;
+    float *m, *z, *g, *top_s, *top_t;
+    int64_t *top_ids;
+    int64_t p0, p1, nt_p, n_t, n_s, H, k, room;
+    float *mv; /* scratch: threads * room */
+    int32_t *mi;
+    int64_t bad;
+} kl_merge_t;
+
+static inline float dot_h(const float *a, const float *b, int64_t H) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < H; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
+static void *kl_merge_rows(void *arg) {
+    kl_merge_t *j = (kl_merge_t *)arg;
+    const int64_t H = j->H, k = j->k;
+    for (int64_t pr = j->p0; pr < j->p1; pr++) {
+        int student = pr >= j->nt_p;
+        int64_t r = student ? pr - j->nt_p : pr;
+        if (r >= (student ? j->n_s : j->n_t)) continue;
+        float mx = -INFINITY, zs = 0.0f;
+        for (int t = 0; t < j->threads; t++) mx = j->jobs[t].m[pr] > mx ? j->jobs[t].m[pr] : mx;
+        int grad = j->g != NULL && (k == 0 || student);
+        float *gr = grad ? j->g + (k == 0 ? (student ? j->n_t + r : r) : r) * H : NULL;
+        if (grad) memset(gr, 0, (size_t)H * 4);
+        int64_t count = 0;
+        for (int t = 0; t < j->threads; t++) {
+            float f = exp_scalar(j->jobs[t].m[pr] - mx);
+            zs += j->jobs[t].z[pr] * f;
+            if (grad) {
+                const float *gt = j->jobs[t].g + pr * H;
+                for (int64_t c = 0; c < H; c++) gr[c] += f * gt[c];
+            }
+            if (k > 0 && student) {
+                int64_t n = j->jobs[t].lc[r];
+                memcpy(j->mv + count, j->jobs[t].lv + r * j->room, (size_t)n * 4);
+                memcpy(j->mi + count, j->jobs[t].li + r * j->room, (size_t)n * 4);
+                count += n;
+            }
+        }
+        if (k > 0 && student) {
+            if (count < k) { /* cannot happen: every id is in a list or in g */
+                j->bad = 1;
+                return NULL;
+            }
+            keep_largest(j->mv, j->mi, count, k, gr, j->w, H, mx);
+            const float *xs = j->x + (j->n_t + r) * H, *xt = j->x + r * H;
+            for (int64_t e = 0; e < k; e++) {
+                if (e + 8 < k)
+                    for (int64_t c = 0; c < H; c += 16) _mm_prefetch((const char *)(j->w + (int64_t)j->mi[e + 8] * H + c), _MM_HINT_T0);
+                const float *wr = j->w + (int64_t)j->mi[e] * H;
+                j->top_ids[r * k + e] = j->mi[e];
+                j->top_s[r * k + e] = dot_h(xs, wr, H);
+                j->top_t[r * k + e] = dot_h(xt, wr, H);
+            }
+        }
+        int64_t out = student ? j->n_t + r : r;
+        j->m[out] = mx, j->z[out] = zs;
+    }
+    return NULL;
+}
 #endif
 
 /* The bytes sdft_kl_amx allocates for these arguments (tiled_loss counts them in its budget). */
@@ -1071,30 +1193,30 @@ int64_t sdft_kl_amx_bytes(int64_t n_t, int64_t n_s, int64_t H, int64_t k, int th
 #ifdef SDFT_AMX_BF16
     int64_t nt_p = (n_t + KL_RB - 1) / KL_RB * KL_RB, ns_p = (n_s + KL_RB - 1) / KL_RB * KL_RB, rows_p = nt_p + ns_p;
     int64_t per_thread = 2 * KL_TV * H * 4 + 2 * 16 * (H / 2) * 4 + 2 * KL_RB * KL_TV * 4;
-    int64_t state = rows_p * (H + 2) * 4 + (k > 0 ? ns_p * ((k + KL_TV) * 8 + 12) : 0);
-    return rows_p * H * 4 + threads * (per_thread + state) + (k > 0 ? threads * (k + KL_TV) * 8 : 0);
+    int64_t state = rows_p * (H + 2) * 4 + (k > 0 ? ns_p * (KL_ROOM(k) * 8 + 12) : 0);
+    return rows_p * H * 4 + threads * (per_thread + state) + (k > 0 ? threads * threads * KL_ROOM(k) * 8 : 0);
 #else
     (void)n_t, (void)n_s, (void)H, (void)k, (void)threads;
     return 0;
 #endif
 }
 
-int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g, float *top_vals,
+int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g, float *top_s, float *top_t,
                     int64_t *top_ids, int64_t n_t, int64_t n_s, int64_t H, int64_t vocab, int64_t k, int threads) {
 #ifdef SDFT_AMX_BF16
     if (!amx_usable()) return -2;
     if (n_t < 0 || n_s < 0 || n_t + n_s < 1 || H < 32 || H % 32 || vocab < 1 || threads < 1 || k < 0 || k > vocab)
         return -1;
-    if (k > 0 && (top_ids == NULL || top_vals == NULL || vocab > INT32_MAX)) return -1;
+    if (k > 0 && (top_ids == NULL || top_s == NULL || top_t == NULL || n_t != n_s || vocab > INT32_MAX)) return -1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    const int64_t tiles = (vocab + KL_TV - 1) / KL_TV, room = k + KL_TV;
+    const int64_t tiles = (vocab + KL_TV - 1) / KL_TV, room = KL_ROOM(k);
     const int64_t nt_p = (n_t + KL_RB - 1) / KL_RB * KL_RB, ns_p = (n_s + KL_RB - 1) / KL_RB * KL_RB;
     const int64_t rows_p = nt_p + ns_p, lists = k > 0 ? ns_p : 0;
     if (threads > tiles) threads = (int)tiles;
     uint16_t *a = aligned_alloc(64, (size_t)rows_p * H * 4);
     char *state = malloc((size_t)threads * (rows_p * (H + 2) * 4 + lists * (room * 8 + 12)) + 1);
-    float *mv = k > 0 ? malloc((size_t)threads * room * 4) : NULL;
-    int32_t *mi = k > 0 ? malloc((size_t)threads * room * 4) : NULL;
+    float *mv = k > 0 ? malloc((size_t)threads * threads * room * 4) : NULL; /* each merge thread's scratch */
+    int32_t *mi = k > 0 ? malloc((size_t)threads * threads * room * 4) : NULL;
     if (!a || !state || (k > 0 && (!mv || !mi))) {
         free(a), free(state), free(mv), free(mi);
         return -1;
@@ -1110,11 +1232,10 @@ int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g
                 x1 = _mm512_loadu_ps(x + r * H + 32 * c + 16);
                 bad += not_finite(x0) || not_finite(x1);
             }
-            __m512i h0, l0, h1, l1;
-            bf16_split(x0, &h0, &l0);
-            bf16_split(x1, &h1, &l1);
-            _mm512_store_si512(a + (pr * (H / 32) + c) * 64, bf16_pack(h0, h1));
-            _mm512_store_si512(a + (pr * (H / 32) + c) * 64 + 32, bf16_pack(l0, l1));
+            __m512i hi, lo;
+            bf16_split(x0, x1, &hi, &lo);
+            _mm512_store_si512(a + (pr * (H / 32) + c) * 64, hi);
+            _mm512_store_si512(a + (pr * (H / 32) + c) * 64 + 32, lo);
         }
     }
     const int want_g = g != NULL;
@@ -1140,46 +1261,21 @@ int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g
         if (jobs[t].bad < 0) bad = -1;
         else bad += jobs[t].bad;
     }
-    if (bad == 0)
-        for (int64_t pr = 0; pr < rows_p; pr++) {
-            int student = pr >= nt_p;
-            int64_t r = student ? pr - nt_p : pr;
-            if (r >= (student ? n_s : n_t)) continue;
-            float mx = -INFINITY, zs = 0.0f;
-            for (int t = 0; t < threads; t++) mx = jobs[t].m[pr] > mx ? jobs[t].m[pr] : mx;
-            int grad = want_g && (k == 0 || student);
-            float *gr = grad ? g + (k == 0 ? pr - (student ? nt_p - n_t : 0) : r) * H : NULL;
-            if (grad) memset(gr, 0, (size_t)H * 4);
-            int64_t count = 0;
-            for (int t = 0; t < threads; t++) {
-                float f = exp_scalar(jobs[t].m[pr] - mx);
-                zs += jobs[t].z[pr] * f;
-                if (grad) {
-                    const float *gt = jobs[t].g + pr * H;
-                    for (int64_t c = 0; c < H; c++) gr[c] += f * gt[c];
-                }
-                if (k > 0 && student) {
-                    int64_t n = jobs[t].lc[r];
-                    memcpy(mv + count, jobs[t].lv + r * room, (size_t)n * 4);
-                    memcpy(mi + count, jobs[t].li + r * room, (size_t)n * 4);
-                    count += n;
-                }
-            }
-            if (k > 0 && student) {
-                if (count < k) { /* cannot happen: every id is in a list or in g */
-                    bad = -1;
-                    break;
-                }
-                keep_largest(mv, mi, count, k, gr, w, H, mx);
-                for (int64_t e = 0; e < k; e++) top_vals[r * k + e] = mv[e], top_ids[r * k + e] = mi[e];
-            }
-            int64_t out = student ? n_t + r : r;
-            m[out] = mx, z[out] = zs;
-        }
+    kl_merge_t merges[MAX_THREADS];
+    for (int t = 0; t < threads && bad == 0; t++) {
+        kl_merge_t mj = {jobs, threads, x, w, m, z, g, top_s, top_t, top_ids,
+                         rows_p * t / threads, rows_p * (t + 1) / threads, nt_p, n_t, n_s, H, k, room,
+                         k > 0 ? mv + t * threads * room : NULL, k > 0 ? mi + t * threads * room : NULL, 0};
+        merges[t] = mj;
+    }
+    if (bad == 0) {
+        run_parallel(kl_merge_rows, merges, sizeof(kl_merge_t), threads);
+        for (int t = 0; t < threads; t++) bad = merges[t].bad ? -1 : bad;
+    }
     free(a), free(state), free(mv), free(mi);
     return bad;
 #else
-    (void)x, (void)w, (void)m, (void)z, (void)g, (void)top_vals, (void)top_ids, (void)n_t, (void)n_s, (void)H;
+    (void)x, (void)w, (void)m, (void)z, (void)g, (void)top_s, (void)top_t, (void)top_ids, (void)n_t, (void)n_s, (void)H;
     (void)vocab, (void)k, (void)threads;
     return -2;
 #endif
