@@ -165,6 +165,21 @@ def backend_row() -> Row:
     return "backend auto", f"{backend} ({reason.removeprefix('auto: ')})", status
 
 
+def kernels_row() -> Row:
+    """Which vector path the CPU kernels took, and whether the loss runs on AMX bf16 tiles."""
+    from . import kernels
+
+    path = kernels.simd()
+    if path is None:
+        return (
+            "cpu kernels",
+            "not built (no C compiler found, or SDFT_LITE_KERNELS=0)",
+            "warn: the CPU sampler and loss run as PyTorch ops (slower): install gcc or clang (or set CC)",
+        )
+    amx = "yes" if kernels.amx_bf16() else "no (fp32 tiles)"
+    return "cpu kernels", f"{path}; loss on AMX bf16 tiles: {amx}", OK
+
+
 def run_doctor() -> list[Row]:
     """All checks, in the order `format_doctor` prints them."""
     rows = [python_row()]
@@ -175,6 +190,7 @@ def run_doctor() -> list[Row]:
     gpu = gpu_rows()
     rows += gpu + package_rows(cuda=gpu[0][2] == OK)
     rows.append(bnb_4bit_row())
+    rows.append(kernels_row())
     rows.append(backend_row())
     return rows
 

@@ -195,6 +195,21 @@ SIMD_PATHS = {
 }
 
 
+def amx_bf16() -> bool:
+    """Whether the loss's pass runs on AMX bf16 tiles here (`sdft_kl_amx`; `tiled_loss`): the build
+    has them and Linux grants this process the tiles."""
+    lib = library()
+    if lib is None:
+        return False
+    x, w, m, z = (
+        (ctypes.c_float * 64)(),
+        (ctypes.c_float * 128)(),
+        (ctypes.c_float * 2)(),
+        (ctypes.c_float * 2)(),
+    )
+    return lib.sdft_kl_amx(x, w, m, z, None, None, None, None, 1, 1, 32, 4, 0, 1) != -2
+
+
 def simd() -> str | None:
     """The vector path of this machine's build (`SIMD_PATHS`), or None where no library builds."""
     lib = library()

@@ -286,8 +286,12 @@ def chunked_distillation_loss(
         return LossOutput(empty, empty.detach().clone(), empty.detach().clone())
 
     target_ids = target_ids.long()
-    with torch.no_grad():  # one-row probe: the head is an arbitrary callable, so ask it for V
-        vocab = teacher_head(teacher_hidden[:1]).shape[-1]
+    weight = getattr(teacher_head, "linear_weight", None)  # a plain linear head: V is its row count
+    if weight is not None:
+        vocab = weight.shape[0]
+    else:
+        with torch.no_grad():  # one-row probe: the head is an arbitrary callable, so ask it for V
+            vocab = teacher_head(teacher_hidden[:1]).shape[-1]
     rows = rows_per_chunk(vocab, spec)
 
     def teacher_logits(t_h: Tensor) -> Tensor:

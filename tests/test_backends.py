@@ -230,9 +230,15 @@ def test_doctor_reports_this_machine():
         "unsloth",
         "gradio",
         "cuda",
+        "cpu kernels",
         "backend auto",
     ):
         assert name in checks, name
+    from sdft_lite import kernels
+
+    if kernels.simd() is not None:  # CI has gcc: the kernels build there
+        assert checks["cpu kernels"][1] == "ok" and checks["cpu kernels"][0].startswith(kernels.simd())
+        assert ("AMX bf16 tiles: yes" in checks["cpu kernels"][0]) == kernels.amx_bf16()
     assert checks["bitsandbytes"][1] == "ok"
     value, status = checks["bitsandbytes 4-bit"]
     assert status == "ok" and value.startswith("works on"), (value, status)
