@@ -195,19 +195,20 @@ SIMD_PATHS = {
 }
 
 
+_AMX_BF16: dict[int, bool] = {}  # id(library) -> whether its sdft_kl_amx runs in this process
+
+
 def amx_bf16() -> bool:
     """Whether the loss's pass runs on AMX bf16 tiles here (`sdft_kl_amx`; `tiled_loss`): the build
-    has them and Linux grants this process the tiles."""
+    has them and Linux grants this process the tiles. Asked once per library."""
     lib = library()
     if lib is None:
         return False
-    x, w, m, z = (
-        (ctypes.c_float * 64)(),
-        (ctypes.c_float * 128)(),
-        (ctypes.c_float * 2)(),
-        (ctypes.c_float * 2)(),
-    )
-    return lib.sdft_kl_amx(x, w, m, z, None, None, None, None, 1, 1, 32, 4, 0, 1) != -2
+    if id(lib) not in _AMX_BF16:
+        x, w = (ctypes.c_float * 64)(), (ctypes.c_float * 128)()
+        m, z = (ctypes.c_float * 2)(), (ctypes.c_float * 2)()
+        _AMX_BF16[id(lib)] = lib.sdft_kl_amx(x, w, m, z, None, None, None, None, 1, 1, 32, 4, 0, 1) != -2
+    return _AMX_BF16[id(lib)]
 
 
 def simd() -> str | None:

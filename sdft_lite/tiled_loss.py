@@ -154,9 +154,9 @@ def _amx_tiles(both: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles |
         and w.is_contiguous()
     ):
         return None
-    lib = kernels.library()
-    if lib is None:
+    if not kernels.amx_bf16():
         return None
+    lib = kernels.library()
     rows, hidden = both.shape
     n, vocab, threads = rows // 2, w.shape[0], torch.get_num_threads()
     k = 0 if full else min(spec.topk, vocab)
