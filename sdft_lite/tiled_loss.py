@@ -41,7 +41,9 @@ SOFTMAX_C_KERNEL = True
 # Xeon (4th gen), the bench's loss pass (1,000 rows, vocab 151,936, H 128): 0.17 s; the fp32
 # tiles: ~0.30 s. Its buffers: ~1 MiB per thread plus three copies of the rows' [2n, H] sums.
 AMX_KL_KERNEL = True
-MAX_AMX_TOPK = 1024  # larger supports take the fp32 tiles (the kernel keeps k + 512 candidates per row)
+MAX_AMX_TOPK = (
+    1024  # larger supports take the fp32 tiles (the kernel keeps up to k + 1,024 candidates per row)
+)
 
 
 def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec, old_logprobs) -> LossOutput:
@@ -187,7 +189,7 @@ def _amx_tiles(both: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles |
         raise RuntimeError(
             f"sdft_kl_amx kernel: bad arguments ({rows} rows, H {hidden}, vocab {vocab}, k {k})"
         )
-    if code != 0:  # -2: no AMX bf16 here; > 0: rows or weights that are not finite
+    if code != 0:  # -2: no AMX bf16 here; -3: out of memory; > 0: rows or weights that are not finite
         return None
     if full:
         return _Tiles(m + z.log(), z, None, g, None, w, both[:n] - both[n:])

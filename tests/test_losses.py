@@ -394,8 +394,9 @@ def test_amx_kl_kernel_topk_support_against_float64(tail):
 
 
 def test_amx_kl_kernel_hands_rows_that_are_not_finite_back():
-    """A NaN or infinite hidden state or head weight: the kernel says how many (the loss then
-    takes the fp32 tiles, whose arithmetic gives NaN where PyTorch's does); bad shapes: -1."""
+    """A NaN or infinite hidden state or head weight, or a top-k row with fewer than k logits
+    above -inf: the kernel says how many (the loss then takes the fp32 tiles, whose arithmetic
+    gives what PyTorch's does); bad shapes: -1."""
     lib = _amx_kl_kernel()
     g = torch.Generator().manual_seed(13)
     w, x = torch.randn(700, 32, generator=g), torch.randn(6, 32, generator=g)
@@ -410,6 +411,11 @@ def test_amx_kl_kernel_hands_rows_that_are_not_finite_back():
         _kl_amx(lib, torch.randn(6, 48, generator=g), torch.randn(700, 48, generator=g), 3)[-1] == -1
     )  # H % 32
     assert _kl_amx(lib, x, w[:4], 3, k=5)[-1] == -1  # k > vocab
+    # finite inputs whose logit overflows to -inf: a top-k row with fewer than k ids above -inf
+    big_x, small_w = torch.zeros(2, 32), torch.full((4, 32), 0.1)
+    big_x[1, 0], small_w[0, 0] = 1e30, -1e9
+    assert _kl_amx(lib, big_x, small_w, 1, k=3)[-1] == 0
+    assert _kl_amx(lib, big_x, small_w, 1, k=4)[-1] > 0
 
 
 @pytest.mark.parametrize("name", ["forward", "topk_student_tail", "topk_student_no_tail"])

@@ -776,9 +776,10 @@ int64_t sdft_softmax_tile(const float *x, float *probs, float *m, float *z, floa
  * most KL_ROOM(k), their probabilities left out of g until a merge drops them), the
  * probabilities split into bf16 hi / lo, and g's update. The threads' sums and lists are merged
  * at the end. H must be a multiple of 32.
- * Returns 0; the number of rows (or weights) that were not finite (NaN or inf: the caller then
- * takes its fp32 path, whose arithmetic says what such rows give); -1 on bad arguments or no
- * memory; -2 where this build or this process has no AMX bf16 tiles.
+ * Returns 0; the number of rows (or weights) that were not finite (NaN or inf, or a top-k row with
+ * fewer than k logits above -inf: the caller then takes its fp32 path, whose arithmetic says what
+ * such rows give); -1 on bad arguments; -2 where this build or this process has no AMX bf16
+ * tiles; -3 where an allocation failed.
  */
 #if defined(SDFT_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define SDFT_AMX_BF16 1
@@ -963,7 +964,7 @@ static void *kl_range(void *arg) {
     uint16_t *bl = aligned_alloc(64, (size_t)KL_TV * H * 4), *bg = aligned_alloc(64, (size_t)KL_TV * H * 4);
     uint32_t *tmp = aligned_alloc(64, (size_t)2 * 16 * (H / 2) * 4);
     float *lg = aligned_alloc(64, (size_t)KL_RB * KL_TV * 4), first[KL_TV];
-    int32_t first_ids[KL_TV];
+    int32_t first_ids[KL_TV] = {0}; /* swapped along with `first`, never read */
     uint16_t *pb = aligned_alloc(64, (size_t)KL_RB * KL_TV * 4); /* [KL_RB][KL_TV / 32][2][32] */
     if (!bl || !bg || !tmp || !lg || !pb) {
         free(bl), free(bg), free(tmp), free(lg), free(pb);
@@ -1166,9 +1167,9 @@ static void *kl_merge_rows(void *arg) {
             }
         }
         if (k > 0 && student) {
-            if (count < k) { /* cannot happen: every id is in a list or in g */
-                j->bad = 1;
-                return NULL;
+            if (count < k) { /* fewer than k ids above -inf (logits that overflowed): the fp32 path */
+                j->bad++;
+                continue;
             }
             keep_largest(j->mv, j->mi, count, k, gr, j->w, H, mx);
             const float *xs = j->x + (j->n_t + r) * H, *xt = j->x + r * H;
@@ -1219,7 +1220,7 @@ int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g
     int32_t *mi = k > 0 ? malloc((size_t)threads * threads * room * 4) : NULL;
     if (!a || !state || (k > 0 && (!mv || !mi))) {
         free(a), free(state), free(mv), free(mi);
-        return -1;
+        return -3;
     }
     int64_t bad = 0;
     const __m512 zero = _mm512_setzero_ps();
@@ -1258,7 +1259,7 @@ int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g
     }
     if (!bad) run_parallel(kl_range, jobs, sizeof(kl_job_t), threads);
     for (int t = 0; t < threads && !bad; t++) {
-        if (jobs[t].bad < 0) bad = -1;
+        if (jobs[t].bad < 0) bad = -3;
         else bad += jobs[t].bad;
     }
     kl_merge_t merges[MAX_THREADS];
@@ -1270,7 +1271,7 @@ int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g
     }
     if (bad == 0) {
         run_parallel(kl_merge_rows, merges, sizeof(kl_merge_t), threads);
-        for (int t = 0; t < threads; t++) bad = merges[t].bad ? -1 : bad;
+        for (int t = 0; t < threads; t++) bad += merges[t].bad;
     }
     free(a), free(state), free(mv), free(mi);
     return bad;
