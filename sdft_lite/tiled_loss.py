@@ -33,17 +33,18 @@ GROUP_ROWS = 512  # student rows per group (the head weight streams past once pe
 # `sdft_softmax_tile` (sdft_lite/csrc/cpu_kernels.c) where it builds: one pass over the tile
 # instead of PyTorch's amax, sub, exp_ and sum, each a pass of its own.
 SOFTMAX_C_KERNEL = True
-# The full-vocabulary loss with one head for both sides (the self-teacher), with
-# `LossSpec.head_precision` "auto", on a CPU with AMX bf16 tiles that Linux grants: the whole pass
-# over the head in one C call (`sdft_kl_amx`), its two products as bf16x3 (three bf16 products
-# with fp32 sums, ~2^-16 relative error per product term against fp32's 2^-24), the logits and
-# probabilities of each [32, 512] block kept in the core's caches. Measured on the 2-core Intel
-# Xeon (4th gen), the bench's loss pass (1,000 rows, vocab 151,936, H 128): 0.17 s; the fp32
-# tiles: ~0.30 s. Its buffers: ~1 MiB per thread plus three copies of the rows' [2n, H] sums.
+# Forward KL with one head for both sides (the self-teacher), full vocabulary or the student's
+# top-k, with `LossSpec.head_precision` "auto", on a CPU with AMX bf16 tiles that Linux grants:
+# the whole pass over the head in one C call (`sdft_kl_amx`), its two products as bf16x3 (three
+# bf16 products with fp32 sums, ~2^-16 relative error per product term against fp32's 2^-24),
+# the logits and probabilities of each [32, 512] block kept in the core's caches. Measured on the
+# 2-core Intel Xeon (4th gen), the bench's loss alone (500 rows, vocab 151,936, H 128), against
+# the fp32 tiles in the same process: full 0.40-0.42 -> 0.15-0.17 s, top-k 0.45-0.49 -> 0.17 s.
+# Its buffers (`sdft_kl_amx_bytes`): ~1 MiB per thread, the rows' sums per thread, the top-k's
+# candidate lists.
 AMX_KL_KERNEL = True
-MAX_AMX_TOPK = (
-    1024  # larger supports take the fp32 tiles (the kernel keeps up to k + 1,024 candidates per row)
-)
+# Larger supports take the fp32 tiles (the kernel keeps up to k + 1,024 candidates per row).
+MAX_AMX_TOPK = 1024
 
 
 def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec, old_logprobs) -> LossOutput:

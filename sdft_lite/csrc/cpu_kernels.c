@@ -806,6 +806,29 @@ static inline int not_finite(__m512 x) {
     return _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q) != 0;
 }
 
+/* 32 fp32 values at src (zeros where src is NULL) as 32 bf16 hi parts at hi and 32 lo parts at lo
+ * (both 64-byte aligned); returns whether a value was not finite. */
+static inline int split32(const float *src, void *hi, void *lo) {
+    __m512 x0 = _mm512_setzero_ps(), x1 = x0;
+    int bad = 0;
+    if (src != NULL) {
+        x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
+        bad = not_finite(x0) | not_finite(x1);
+    }
+    __m512i h, l;
+    bf16_split(x0, x1, &h, &l);
+    _mm512_store_si512(hi, h);
+    _mm512_store_si512(lo, l);
+    return bad;
+}
+
+/* The smallest of n > 0 values. */
+static inline float min_of(const float *v, int64_t n) {
+    float t = v[0];
+    for (int64_t e = 1; e < n; e++) t = v[e] < t ? v[e] : t;
+    return t;
+}
+
 /* r[i][j] -> r[j][i] for 16 vectors of 16 32-bit lanes. */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];
@@ -923,18 +946,9 @@ static int kl_repack(const float *w, int64_t v0, int64_t nv, int64_t H, uint16_t
     for (int64_t p = 0; p < KL_TV / 16; p++) {
         for (int n = 0; n < 16; n++) {
             int64_t v = 16 * p + n;
-            for (int64_t c = 0; c < H / 32; c++) {
-                __m512 x0 = zero, x1 = zero;
-                if (v < nv) {
-                    x0 = _mm512_loadu_ps(w + (v0 + v) * H + 32 * c);
-                    x1 = _mm512_loadu_ps(w + (v0 + v) * H + 32 * c + 16);
-                    bad |= not_finite(x0) | not_finite(x1);
-                }
-                __m512i hi, lo;
-                bf16_split(x0, x1, &hi, &lo);
-                _mm512_store_si512(tmp + (0 * 16 + n) * (H / 2) + 16 * c, hi);
-                _mm512_store_si512(tmp + (1 * 16 + n) * (H / 2) + 16 * c, lo);
-            }
+            for (int64_t c = 0; c < H / 32; c++)
+                bad |= split32(v < nv ? w + (v0 + v) * H + 32 * c : NULL, tmp + (0 * 16 + n) * (H / 2) + 16 * c,
+                               tmp + (1 * 16 + n) * (H / 2) + 16 * c);
         }
         uint32_t *out = (uint32_t *)(bl + p * 2 * (H / 2) * 32);
         for (int s = 0; s < 2; s++)
@@ -1026,15 +1040,11 @@ static void *kl_range(void *arg) {
                     if (start == 0 && nv >= j->k) { /* the first tile: its k largest are the candidates */
                         memcpy(first, x, (size_t)nv * 4);
                         select_largest(first, first_ids, nv, j->k);
-                        float t = first[0];
-                        for (int64_t e = 1; e < j->k; e++) t = first[e] < t ? first[e] : t;
-                        j->thr[s] = nextafterf(t, -INFINITY); /* x > thr: x >= the k-th largest */
+                        j->thr[s] = nextafterf(min_of(first, j->k), -INFINITY); /* x > thr: x >= the k-th largest */
                     }
                     if (start > 2 * j->k || start + nv > room) { /* keep the k largest, raise the threshold */
                         start = keep_largest(lv, li, start, j->k, grad ? g : NULL, j->w, H, ref);
-                        float t = lv[0];
-                        for (int64_t e = 1; e < start; e++) t = lv[e] < t ? lv[e] : t;
-                        j->thr[s] = t;
+                        j->thr[s] = min_of(lv, start);
                     }
                     thr = _mm512_set1_ps(j->thr[s]);
                 }
@@ -1223,21 +1233,11 @@ int64_t sdft_kl_amx(const float *x, const float *w, float *m, float *z, float *g
         return -3;
     }
     int64_t bad = 0;
-    const __m512 zero = _mm512_setzero_ps();
     for (int64_t pr = 0; pr < rows_p; pr++) { /* padded row pr: teacher row pr, or student row pr - nt_p */
         int64_t r = pr < nt_p ? (pr < n_t ? pr : -1) : (pr - nt_p < n_s ? n_t + pr - nt_p : -1);
-        for (int64_t c = 0; c < H / 32; c++) {
-            __m512 x0 = zero, x1 = zero;
-            if (r >= 0) {
-                x0 = _mm512_loadu_ps(x + r * H + 32 * c);
-                x1 = _mm512_loadu_ps(x + r * H + 32 * c + 16);
-                bad += not_finite(x0) || not_finite(x1);
-            }
-            __m512i hi, lo;
-            bf16_split(x0, x1, &hi, &lo);
-            _mm512_store_si512(a + (pr * (H / 32) + c) * 64, hi);
-            _mm512_store_si512(a + (pr * (H / 32) + c) * 64 + 32, lo);
-        }
+        for (int64_t c = 0; c < H / 32; c++)
+            bad += split32(r >= 0 ? x + r * H + 32 * c : NULL, a + (pr * (H / 32) + c) * 64,
+                           a + (pr * (H / 32) + c) * 64 + 32);
     }
     const int want_g = g != NULL;
     kl_job_t jobs[MAX_THREADS];
