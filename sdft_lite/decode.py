@@ -118,6 +118,15 @@ class FusedLayer:
     def build(cls, layer, room: int) -> FusedLayer | None:
         """The layer's fused weights, or None: a layer that is not all plain, or whose copies
         would take more than `room` bytes (checked before any copy is made)."""
+        parts = cls.parts(layer)
+        if parts is None or cls.copy_bytes(*parts[2]) > room:
+            return None
+        return cls(*parts[:2], *parts[3:])
+
+    @staticmethod
+    def parts(layer) -> tuple | None:
+        """(attn, mlp, the q, k, v, gate, up weights, plain linears, norms, q/k norms) of a layer
+        whose modules are all plain, else None; nothing is copied."""
         attn, mlp = layer.self_attn, layer.mlp
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -129,9 +138,7 @@ class FusedLayer:
         if any(p is None for p in plain + norms + qk_norms):
             return None
         (wq, _), (wk, _), (wv, _), _, (wg, _), (wu, _), _ = plain
-        if cls.copy_bytes(wq, wk, wv, wg, wu) > room:
-            return None
-        return cls(attn, mlp, plain, norms, qk_norms)
+        return attn, mlp, (wq, wk, wv, wg, wu), plain, norms, qk_norms
 
     @staticmethod
     def copy_bytes(wq, wk, wv, wg, wu) -> int:
@@ -265,6 +272,33 @@ class LeanDecoder:
         layers = getattr(decoder, "layers", None)
         needed = ("embed_tokens", "norm", "rotary_emb")
         return layers is not None and all(hasattr(decoder, n) for n in needed)
+
+    @classmethod
+    def path(cls, decoder, total_length: int, device: torch.device) -> str:
+        """Which step a rollout of `total_length` columns would run, without copying anything:
+        "c_step" (`CStep`), "fused" (`FusedLayer`), "modules" (this class's step through the
+        layers' modules) or "generic" (the decoder's own forward: `supports` says no). It
+        mirrors `_fused_layers` and `CStep.build` (tests/test_decode.py checks that it agrees)."""
+        if not cls.supports(decoder, total_length):
+            return "generic"
+        if plain_embedding(decoder.embed_tokens) is None or _rms_norm_of(decoder.norm) is None:
+            return "modules"
+        parts = [FusedLayer.parts(layer) for layer in decoder.layers]
+        if any(p is None for p in parts):
+            return "modules"
+        room, shapes, c_bytes, c_step = FUSED_MAX_BYTES, set(), 0, True
+        for attn, mlp, weights, plain, _, qk_norms in parts:
+            room -= FusedLayer.copy_bytes(*weights)
+            if room < 0:
+                return "modules"
+            wq, wk, _, wg, _ = weights
+            d = attn.head_dim
+            shapes.add((d, wq.shape[0] // d, wk.shape[0] // d, wg.shape[0]))
+            c_bytes += FusedLayer.copy_bytes(*weights) + 4 * (plain[3][0].numel() + plain[6][0].numel())
+            c_step = c_step and not qk_norms and _is_silu(mlp.act_fn)
+        lib = kernels.library() if C_STEP and device.type == "cpu" else None
+        c_step = c_step and lib is not None and len(shapes) == 1 and c_bytes <= FUSED_MAX_BYTES
+        return "c_step" if c_step else "fused"
 
     def __init__(self, decoder, cache, mask: torch.Tensor, next_pos: torch.Tensor, max_new_tokens: int):
         """`cache`: the prefill's DynamicCache (rows already repeated per sample); `mask`: its

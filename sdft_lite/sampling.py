@@ -9,7 +9,7 @@ sums, far below anything a sampler test can see (tests/test_sampling.py checks f
 
 Per token the loop runs the decoder (on CPU, `decode.LeanDecoder`'s step for Llama-family
 models) and then the output head itself (`decode_head`: on CPU an fp32 head runs in the matmul
-layout this CPU's BLAS does fastest, timed once per process), or, for plain temperature sampling
+layout measured fastest for this CPU's vector path), or, for plain temperature sampling
 without log-probs, an int8 copy of it as the proposal of an exact rejection sampler
 (`Int8Proposal`: same distribution, about a quarter of the bytes read; its pass over the
 vocabulary runs in a C kernel built on first use, `kernels.py`, or else through PyTorch's int8
@@ -17,6 +17,11 @@ product). The rollout caller runs
 the loop inside `merged_lora` (plain LoRA layers as one matmul with merged weights). Both change
 fp32 rounding only. Decode steps of a tiny decoder run on one intra-op thread
 (`_tiny_decode_step`).
+
+Every such choice is a fixed rule of the CPU's features (PyTorch's vector path, what the C
+kernels built), the model and the tensors' sizes, never a timing taken during the run: the same
+recipe and seed sample the same tokens on one machine whatever its load. `rollout_paths` says
+which paths a model's rollouts take (for a run's log).
 """
 
 from __future__ import annotations
@@ -155,94 +160,75 @@ def _draw(
     return ids.gather(-1, j).squeeze(-1), (p.log() - total.log()).squeeze(-1)
 
 
-# A transposed head copy (made only where that layout wins the timing) is never larger than this.
+# A transposed head copy is never larger than this.
 DECODE_HEAD_COPY_MAX_BYTES = 128 * 2**20
-# Heads smaller than this stay in cache, where the layouts differ by microseconds: no timing, and
-# one fixed layout (the transposed copy), so small models sample the same tokens on every run.
-HEAD_TIMING_MIN_BYTES = 8 * 2**20
-HEAD_TIMING_REPEATS = 4
-_HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads) -> the fastest layout
+# Heads smaller than this stay in cache, where the layouts differ by microseconds and an int8
+# copy saves little: one fixed layout (the transposed copy) and no int8 proposal.
+LARGE_HEAD_MIN_BYTES = 8 * 2**20
+# The layout of a large head per PyTorch vector path (`cpu_capability`), measured (`head_layout`);
+# any other path: the transposed copy where it fits, else "linear".
+HEAD_LAYOUT_BY_CPU = {"AVX2": "vocab_major"}
 
 
-def _timed(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Each candidate's lowest time, each called once to warm up, then `repeats` times
-    interleaved (a slow spell of a shared machine hits them all alike)."""
-    import time
-
-    best = dict.fromkeys(candidates, float("inf"))
-    for fn in candidates.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+def cpu_capability() -> str:
+    """PyTorch's vector path on this CPU ("AVX512", "AVX2", "DEFAULT", ...): the path its BLAS and
+    int8 kernels take, fixed for the machine (`ATEN_CPU_CAPABILITY` lowers it)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
-def _timed_min(candidates: dict[str, Callable[[], object]], repeats: int) -> str:
-    """Name of the candidate with the lowest time (see `_timed`)."""
-    best = _timed(candidates, repeats)
-    return min(best, key=best.get)
+def choose_head_layout(shape: tuple[int, int], capability: str, contiguous: bool = True) -> str:
+    """`head_layout`'s rule for an fp32 head weight of `shape` [V, H] on a CPU whose PyTorch
+    vector path is `capability`: a pure function of them, so the same model samples the same
+    tokens on one machine whatever its load."""
+    nbytes = shape[0] * shape[1] * 4
+    can_copy = contiguous and nbytes <= DECODE_HEAD_COPY_MAX_BYTES
+    if nbytes >= LARGE_HEAD_MIN_BYTES and capability in HEAD_LAYOUT_BY_CPU:
+        return HEAD_LAYOUT_BY_CPU[capability]
+    return "transposed" if can_copy else "linear"
 
 
-def head_layout(weight: torch.Tensor, rows: int) -> str:
-    """How the rollout multiplies `rows` hidden states by a CPU head weight [V, H]:
+def head_layout(weight: torch.Tensor) -> str:
+    """How the rollout multiplies hidden states by a CPU head weight [V, H] (`choose_head_layout`):
 
     - "transposed": [B, H] x [H, V] with the weight copied into that layout for the rollout;
     - "vocab_major": [V, H] x [H, B], logits [V, B] used through a transposed view, no copy;
     - "linear": `F.linear`, i.e. [B, H] x [V, H]^T, no copy.
 
     The three are the same products, but BLAS libraries run them at very different speeds, and
-    which one wins depends on the CPU. Measured at [4, 128] x [128, 151936], fp32, 2 threads, in
-    the decode loop with the sampler: on an Intel Xeon (AVX-512) 3.0 ms per token transposed vs
-    3.8 ms linear; alone, on an AMD EPYC (AVX2, MKL): 7-10 ms vocab-major vs 16-20 ms transposed
-    and 22-25 ms linear. So the first rollout times them on the real weight (the transposed one
-    on a same-shaped view of the weight's own memory, so timing it copies nothing) and keeps the
-    fastest for the process. Logits differ by fp32 rounding only.
+    which one wins depends on the CPU's vector path. Measured at [4, 128] x [128, 151936], fp32,
+    2 threads, in the decode loop with the sampler: on an Intel Xeon (AVX-512) 3.0 ms per token
+    transposed vs 3.8 ms linear; alone, on an AMD EPYC (AVX2, MKL): 7-10 ms vocab-major vs 16-20
+    ms transposed and 22-25 ms linear (and at 4 and 16 rows, [128, 20480] and [896, 151936], the
+    same order). The layout was once timed on the first rollout, but a timing taken on a loaded
+    machine picks another layout, and the layouts' logits differ in fp32 rounding, so the same
+    seed gave other tokens: it is now a fixed rule. Logits differ by fp32 rounding only.
     """
-    can_copy = weight.nbytes <= DECODE_HEAD_COPY_MAX_BYTES and weight.is_contiguous()
-    if weight.nbytes < HEAD_TIMING_MIN_BYTES:
-        return "transposed" if can_copy else "linear"
-    key = (tuple(weight.shape), weight.dtype, rows, torch.get_num_threads())
-    if key not in _HEAD_LAYOUTS:
-        vocab, hidden = weight.shape
-        h = torch.randn(rows, hidden, dtype=weight.dtype)
-        candidates = {
-            "vocab_major": lambda: torch.mm(weight, h.t()),
-            "linear": lambda: F.linear(h, weight),
-        }
-        if can_copy:
-            same_shape = weight.view(hidden, vocab)  # the copy's shape and strides, over the same bytes
-            candidates["transposed"] = lambda: torch.mm(h, same_shape)
-        _HEAD_LAYOUTS[key] = _timed_min(candidates, HEAD_TIMING_REPEATS)
-    return _HEAD_LAYOUTS[key]
+    return choose_head_layout(tuple(weight.shape), cpu_capability(), weight.is_contiguous())
 
 
 def decode_head(model, rows: int) -> DecodeHead:
     """Last hidden state [B, H] -> fp32 logits [B, V] for one decode step.
 
     The output head reads its whole [V, H] weight for every generated token. On CPU, with a plain
-    fp32 linear head, the matmul runs in the layout `head_layout` found fastest for `rows` rows
-    (the logits may then be a vocabulary-major view, which `sample_from_logits` takes as it is),
-    and writes a batch of `rows` into one buffer allocated here: the logits it returns for such a
-    batch are valid until its next call. A [rows, V] tensor allocated and freed per token is what
+    fp32 linear head, the matmul runs in the layout `head_layout` picks for this CPU (the logits
+    may then be a vocabulary-major view, which `sample_from_logits` takes as it is), and writes
+    a batch of `rows` into one buffer allocated here: the logits it returns for such a batch are
+    valid until its next call. A [rows, V] tensor allocated and freed per token is what
     fragments glibc's heap (the train path serves tensors that size from the heap, see
     `train.mmap_threshold_bytes`): measured at [4, 151936] on the 2-core AMD EPYC, the first
     rollout left the resident set 40-90 MiB larger, varying from run to run, and 23-25 MiB with
-    the buffers (the head-layout timing and the prefill).
+    the buffers (measured while a head-layout timing still ran).
     A transposed copy lives for the rollout only, is made at the head's first call (a rollout
     that samples every token through `Int8Proposal` never makes it), and is never made for heads
     larger than `DECODE_HEAD_COPY_MAX_BYTES`; where it is made it costs its size in memory during
-    the rollout (74 MiB and ~45 ms at [151936, 128]). `probe(h)` runs the same product for timing
-    without the copy (on a same-shaped view of the weight's own memory: other values, the same
-    speed). Other heads (quantized, scaled, softcapped, GPU) are used as they are.
+    the rollout (74 MiB and ~45 ms at [151936, 128]). Other heads (quantized, scaled, softcapped,
+    GPU) are used as they are.
     """
     head = output_head(model)
     weight = head.linear_weight
     if weight is None or weight.device.type != "cpu":
         return DecodeHead(head)
-    return DecodeHead(weight.detach(), head_layout(weight.detach(), rows), rows)
+    return DecodeHead(weight.detach(), head_layout(weight.detach()), rows)
 
 
 class DecodeHead:
@@ -274,14 +260,6 @@ class DecodeHead:
             self._copy = self.weight.t().contiguous()
         return self._logits(hidden, self._copy if self.layout == "transposed" else self.weight.t())
 
-    def probe(self, hidden: torch.Tensor) -> object:
-        """The same product at the same speed, for timing, without making the transposed copy
-        (it reads the weight's memory in the copy's shape: other values)."""
-        if self.weight is None or self.layout != "transposed" or self._copy is not None:
-            return self(hidden)
-        vocab, size = self.weight.shape
-        return self._logits(hidden, self.weight.view(size, vocab))
-
 
 # Exact sampling from an int8 copy of the output head, by rejection (see `Int8Proposal`).
 INT8_PROPOSAL = True
@@ -295,12 +273,14 @@ INT8_ROUNDS = 8
 # times the median column's.
 INT8_MAX_EXACT_COLUMNS = 8
 INT8_OUTLIER_FACTOR = 4.0
-# The int8 product (with its bound) must beat the fp32 head's by this factor, timed once per
-# shape with this many repeats. Measured on the 2-core AMD EPYC at [4, 128] x [128, 151936]:
-# 1.43-1.58 over 15 timings; per token in the rollout the gain is larger (the fp32 path's
-# sampler reads vocabulary-major logits). At 1.25, one run of the sweep timed it below.
-INT8_MIN_SPEEDUP = 1.1
-INT8_TIMING_REPEATS = 8
+# Where the proposal runs (`int8_proposal_enabled`), from measurements at [4, 128] x [128, 151936],
+# 2 threads, against the fp32 head in its layout (`head_layout`). The C kernel on every vector
+# path: AVX2 on the 2-core AMD EPYC 1.1-1.6 ms per token vs 7-10 ms, AVX-512 VNNI / AMX on the
+# Intel Xeon 0.55-1.2 / 0.66 ms vs 3.0 ms; not its scalar C build (72-106 ms vs 27-33 ms on the
+# AMD EPYC). Without the kernel, PyTorch's int8 product on the PyTorch vector paths below, whose
+# int8 kernels are vectorized (AVX2: 1.43-1.58 times faster than the fp32 head on the AMD EPYC),
+# not on others (ATEN_CPU_CAPABILITY=default there: 243-293 ms vs 26-32 ms).
+INT8_TORCH_CPUS = ("AVX2", "AVX512")
 # The int8 copy (V x H bytes) is never larger than this.
 INT8_COPY_MAX_BYTES = 256 * 2**20
 # The proposal's pass through the C kernel (sdft_lite/csrc/cpu_kernels.c) where it builds.
@@ -316,7 +296,6 @@ def _gamma(n: int) -> float:
     return n * _U / (1 - n * _U)
 
 
-_INT8_CHOICE: dict[tuple, bool] = {}  # (shape, rows, threads) -> whether the int8 product is faster
 PROPOSAL_STATS: collections.Counter = collections.Counter()  # rows sampled, draws, fallback rows
 _INT8_HEADS: list = []  # the last head quantized: (weakref to its weight, its version, the Int8Proposal)
 
@@ -685,37 +664,44 @@ class Int8Proposal:
             tokens[todo] = self._fallback(hidden, temperature, exact_head, todo).numpy()
         return torch.from_numpy(tokens)
 
-    def propose(self, hidden: torch.Tensor) -> object:
-        """The proposal's pass over the vocabulary for `hidden` at temperature 1 (its speed check)."""
-        if self.kernel is not None:
-            return self.kernel_probs(*self.kernel_inputs(hidden, 1.0)[:3], hidden.shape[0], 1.0)
-        return self.approx_logits(hidden, self.bound(hidden)[0])
+
+def int8_proposal_enabled(shape: tuple[int, int], kernel_simd: str | None, capability: str) -> bool:
+    """Whether a plain, contiguous fp32 CPU head of `shape` [V, H] samples through `Int8Proposal`
+    (for plain temperature sampling without log-probs): a head of at least `LARGE_HEAD_MIN_BYTES`
+    whose copy (V x H bytes) fits `INT8_COPY_MAX_BYTES`, and a proposal measured faster than the
+    fp32 head on this CPU (`INT8_TORCH_CPUS`): the C kernel on a vector path (`kernel_simd`, the
+    build's `kernels.simd()`, None without one), else PyTorch's int8 product on a PyTorch vector
+    path (`capability`, `cpu_capability()`). A pure function of these, never a timing."""
+    vocab, hidden = shape
+    if not INT8_PROPOSAL or vocab * hidden * 4 < LARGE_HEAD_MIN_BYTES or vocab * hidden > INT8_COPY_MAX_BYTES:
+        return False
+    if kernel_simd is not None:
+        return kernel_simd != "scalar C"
+    return capability in INT8_TORCH_CPUS and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
-def int8_proposal(
-    model, rows: int, exact_head: Callable[[torch.Tensor], torch.Tensor]
-) -> Int8Proposal | None:
-    """The `Int8Proposal` for this model's head, where one is worth it: a plain fp32 CPU head of
-    at least `HEAD_TIMING_MIN_BYTES` whose copy (V x H bytes) fits `INT8_COPY_MAX_BYTES`, a
-    PyTorch with the int8 kernel, and, timed once per shape on this CPU, an int8 product at least
-    `INT8_MIN_SPEEDUP` times faster than the fp32 one in its fastest layout, `exact_head` (on x86
-    the kernel is vectorized for bf16 inputs only). The copy is kept for the next rollout while
-    the weight is unchanged, and given up (until the weight changes) once more than half of the
-    rows it sampled since it was made fell back to the fp32 head (hidden states whose error
-    bound is too large to sample from it)."""
+def _kernel_simd() -> str | None:
+    """The C kernel's vector path as `Int8Proposal` would use it (None: PyTorch's int8 product)."""
+    return kernels.simd() if INT8_C_KERNEL else None
+
+
+def _int8_head(model) -> torch.Tensor | None:
+    """The model's head weight where `int8_proposal_enabled` says it samples through the proposal
+    (a plain, contiguous fp32 CPU head), else None."""
     weight = output_head(model).linear_weight
-    if (
-        not INT8_PROPOSAL
-        or weight is None
-        or weight.device.type != "cpu"
-        or not weight.is_contiguous()
-        or weight.nbytes < HEAD_TIMING_MIN_BYTES
-        or weight.nbytes // 4 > INT8_COPY_MAX_BYTES
-        or not hasattr(torch.ops.aten, "_weight_int8pack_mm")
-    ):
+    if weight is None or weight.device.type != "cpu" or not weight.is_contiguous():
         return None
-    key = (tuple(weight.shape), rows, torch.get_num_threads())
-    if _INT8_CHOICE.get(key) is False:
+    return weight if int8_proposal_enabled(tuple(weight.shape), _kernel_simd(), cpu_capability()) else None
+
+
+def int8_proposal(model) -> Int8Proposal | None:
+    """The `Int8Proposal` for this model's head where `_int8_head` says so. The copy is kept for
+    the next rollout while the weight is unchanged, and given up (until the weight changes) once
+    more than half of the rows it sampled since it was made fell back to the fp32 head (hidden
+    states whose error bound is too large to sample from it): that follows from the hidden
+    states, so the same seed still gives the same tokens."""
+    weight = _int8_head(model)
+    if weight is None:
         return None
     if _INT8_HEADS and _INT8_HEADS[0][0]() is weight and _INT8_HEADS[0][1] == weight._version:
         proposal = _INT8_HEADS[0][2]
@@ -729,23 +715,6 @@ def int8_proposal(
         # Dropped with the weight (the parameter itself, not a detached view): a model freed
         # later does not stay resident through the copy's reference to its storage.
         _INT8_HEADS.append((weakref.ref(weight, lambda _: _INT8_HEADS.clear()), weight._version, proposal))
-    if proposal is None:
-        return None
-    if key not in _INT8_CHOICE:
-        h = torch.randn(
-            rows, weight.shape[1], generator=torch.Generator().manual_seed(0)
-        )  # not the run's RNG
-        times = _timed(
-            {
-                "int8": lambda: proposal.propose(h),
-                "fp32": lambda: getattr(exact_head, "probe", exact_head)(h),
-            },
-            INT8_TIMING_REPEATS,
-        )
-        _INT8_CHOICE[key] = times["int8"] * INT8_MIN_SPEEDUP <= times["fp32"]
-        if not _INT8_CHOICE[key]:
-            _INT8_HEADS.clear()
-            return None
     return proposal
 
 
@@ -861,9 +830,9 @@ def sample_completions(
     rows = prompt_ids.shape[0] * num_samples
     decoder, head = causal_lm(model).get_decoder(), decode_head(model, rows)
     one_thread = _OneThread(_tiny_decode_step(decoder, rows, device))
-    proposal = None  # chosen before the prefill: its timing writes into the head's logits buffer
+    proposal = None
     if not (greedy or logprobs or top_k or top_p < 1.0):
-        proposal = int8_proposal(model, rows, head)
+        proposal = int8_proposal(model)
     cache = DynamicCache()
     out = decoder(
         input_ids=prompt_ids,
@@ -934,3 +903,48 @@ def sample_completions(
         else:
             logits = head(hidden)
     return torch.stack(tokens, 1), torch.stack(logps, 1) if logprobs else None
+
+
+def rollout_paths(
+    model,
+    rows: int,
+    total_length: int,
+    *,
+    logprobs: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> dict:
+    """The paths `sample_completions` takes for `model`, as the rollout runs it (inside
+    `merged_lora`), with `rows` rows (prompts x samples), `total_length` columns (prompt + new
+    tokens) and these sampling settings; every entry a fixed rule of the CPU and the model:
+
+    - "cpu_capability": PyTorch's vector path (`cpu_capability`; "" off CPU);
+    - "kernel_simd": the C kernels' vector path (`kernels.simd()`), None where none builds;
+    - "head_layout": "transposed", "vocab_major" or "linear" (`head_layout`), or "module"
+      (any other head, used as it is);
+    - "int8_proposal": whether tokens are drawn through `Int8Proposal` (until a head whose rows
+      mostly fall back gives it up, see `int8_proposal`);
+    - "lean_decode": "c_step", "fused", "modules" (`decode.LeanDecoder.path`) or "generic";
+    - "merged_lora": whether the LoRA layers run merged (`merged_lora`);
+    - "one_thread_decode": whether decode steps run on one thread (`_tiny_decode_step`).
+
+    Nothing is sampled; the LoRA merge is computed once, as a rollout computes it."""
+    device = next(model.parameters()).device
+    decoder, on_cpu = causal_lm(model).get_decoder(), device.type == "cpu"
+    weight = output_head(model).linear_weight
+    draws_plain = not (greedy or logprobs or top_k or top_p < 1.0)
+    with merged_lora(model):
+        merged = any(hasattr(m, "sdft_merged") for m in model.modules())
+        lean = "generic"
+        if LEAN_DECODE and on_cpu:
+            lean = LeanDecoder.path(decoder, total_length, device)
+    return {
+        "cpu_capability": cpu_capability() if on_cpu else "",
+        "kernel_simd": kernels.simd() if on_cpu else None,
+        "head_layout": "module" if weight is None or weight.device.type != "cpu" else head_layout(weight),
+        "int8_proposal": draws_plain and _int8_head(model) is not None,
+        "lean_decode": lean,
+        "merged_lora": merged,
+        "one_thread_decode": _tiny_decode_step(decoder, rows, device),
+    }

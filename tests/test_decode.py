@@ -4,6 +4,8 @@ the rollout samples the same tokens with it; models it does not accept keep the 
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from transformers import (
@@ -92,7 +94,9 @@ def _generic_and_lean(
     mask = mask.repeat_interleave(samples, 0)
     next_pos = mask.sum(-1, keepdim=True)
     assert LeanDecoder.supports(decoder, mask.shape[1] + steps)
+    path = LeanDecoder.path(decoder, mask.shape[1] + steps, mask.device)  # before any copy is made
     lean = LeanDecoder(decoder, caches[1], mask, next_pos, steps)
+    assert path == ("c_step" if lean.c_step else "fused" if lean.fused else "modules")  # it mirrors them
     if fused is not None:
         assert (lean.fused is not None) == fused
     if c_step is not None:
@@ -161,6 +165,10 @@ def test_fused_step_stays_within_its_byte_cap(monkeypatch):
     torch.testing.assert_close(ours, generic, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="builds the x86-64 vector paths (-mno-avx512f, -march=x86-64): x86-64 CPUs only",
+)
 @pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-march=x86-64",)])  # the AVX2 and scalar C paths
 def test_c_step_on_other_vector_paths(flags, monkeypatch, tmp_path):
     """The C step built for the other vector paths (AVX2; scalar C) matches the generic forward too."""
@@ -233,6 +241,8 @@ def test_lean_step_on_a_4bit_model_with_lora():
     )
     model = _model("llama", quantization_config=quant)
     assert any("4bit" in type(m).__name__ for m in model.modules())
+    paths = sampling.rollout_paths(model, 6, 12)
+    assert not paths["merged_lora"] and paths["lean_decode"] == "modules"
     with torch.no_grad(), sampling.merged_lora(model):  # not merged (quantized base): the module step
         generic, ours = _generic_and_lean(model, fused=False)
     torch.testing.assert_close(ours, generic, atol=1e-4, rtol=1e-4)
@@ -251,6 +261,13 @@ def test_rollouts_sample_the_same_with_the_lean_step(arch, monkeypatch):
                 model, ids, mask, max_new_tokens=10, eos_ids=[-1], pad_id=0, num_samples=2
             )
     (lean_ids, lean_lp), (ref_ids, ref_lp) = runs[True], runs[False]
+    assert sampling.rollout_paths(model, 6, ids.shape[1] + 10)["lean_decode"] == "generic"  # LEAN_DECODE off
+    monkeypatch.setattr(sampling, "LEAN_DECODE", True)
+    paths = sampling.rollout_paths(model, 6, ids.shape[1] + 10)  # what the lean run took
+    from sdft_lite import kernels
+
+    c_step = arch == "llama" and kernels.library() is not None  # qwen3's q/k norms: the PyTorch step
+    assert paths["merged_lora"] and paths["lean_decode"] == ("c_step" if c_step else "fused")
     assert len({tuple(r) for r in ref_ids.tolist()}) > 2  # the rows really differ
     assert torch.equal(lean_ids, ref_ids)
     torch.testing.assert_close(lean_lp, ref_lp, atol=1e-5, rtol=1e-5)
@@ -267,3 +284,5 @@ def test_unsupported_models_keep_the_generic_step():
     assert LeanDecoder.supports(decoder, 16) and not LeanDecoder.supports(decoder, 17)
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     assert not LeanDecoder.supports(gpt2.get_decoder(), 8)
+    assert LeanDecoder.path(mistral, 65, torch.device("cpu")) == "generic"
+    assert sampling.rollout_paths(gpt2, 2, 8)["lean_decode"] == "generic"

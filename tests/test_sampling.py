@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import platform
 
 import numpy as np
 import pytest
@@ -206,16 +207,15 @@ def test_merged_lora_rollout_equals_the_adapter_forward(tiny_model_dir, monkeypa
 
 
 def test_decode_head_copies_the_transposed_weight_at_its_first_call_only(model_and_tok):
-    """The transposed layout's copy is made when the head is first called, never by `probe`
-    (the speed check), and then kept: a rollout whose tokens all come from the int8 proposal
-    never pays for it."""
+    """The transposed layout's copy is made when the head is first called, not before, and then
+    kept: a rollout whose tokens all come from the int8 proposal never pays for it."""
     import sdft_lite.sampling as sampling
 
     model, _ = model_and_tok
     weight = model.lm_head.weight.detach()
     head = sampling.DecodeHead(weight, "transposed", 3)
     hidden = torch.randn(3, weight.shape[1])
-    assert head.probe(hidden).shape == (3, weight.shape[0]) and head._copy is None
+    assert head._copy is None
     torch.testing.assert_close(head(hidden), hidden @ weight.t(), atol=1e-5, rtol=1e-5)
     copy = head._copy
     assert copy is not None and copy.shape == (weight.shape[1], weight.shape[0])
@@ -234,45 +234,63 @@ def test_decode_head_gives_the_model_logits_in_every_layout(model_and_tok, monke
     hidden = torch.randn(3, model.config.hidden_size)
     with torch.no_grad():
         ref = model.get_output_embeddings()(hidden).float()
-        assert sampling.head_layout(output_head(model).linear_weight, 3) == "transposed"  # small: fixed
+        assert sampling.head_layout(output_head(model).linear_weight) == "transposed"  # small: fixed
         for layout in ("transposed", "vocab_major", "linear"):
-            monkeypatch.setattr(sampling, "head_layout", lambda weight, rows, layout=layout: layout)
+            monkeypatch.setattr(sampling, "head_layout", lambda weight, layout=layout: layout)
             logits = sampling.decode_head(model, 3)(hidden)
             assert logits.shape == ref.shape and logits.is_contiguous() == (layout != "vocab_major")
             torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
         monkeypatch.undo()
         monkeypatch.setattr(sampling, "DECODE_HEAD_COPY_MAX_BYTES", 0)
-        assert sampling.head_layout(output_head(model).linear_weight, 3) == "linear"
+        assert sampling.head_layout(output_head(model).linear_weight) == "linear"
         torch.testing.assert_close(sampling.decode_head(model, 3)(hidden), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_head_layout_times_large_heads_once_per_shape(monkeypatch):
-    """A head above HEAD_TIMING_MIN_BYTES is timed in every layout, once per (shape, rows,
-    threads), each candidate a real [rows, H] x [H, V] product; over the copy cap the transposed
-    layout is not a candidate."""
+def test_fast_path_choices_follow_the_cpu_features_and_sizes_only(monkeypatch, tmp_path):
+    """`choose_head_layout` and `int8_proposal_enabled` give their documented answers for given
+    CPU features and head sizes (no timing, so not this machine's): large heads vocabulary-major
+    on PyTorch's AVX2 path, else the transposed copy where it fits, else "linear"; the int8
+    proposal on for large heads through the C kernel's vector paths, or PyTorch's int8 product on
+    its AVX2 / AVX-512 paths; and `head_layout` / `_int8_head` apply them to this machine."""
     import sdft_lite.sampling as sampling
+    from sdft_lite import kernels
 
-    monkeypatch.setattr(sampling, "_HEAD_LAYOUTS", {})
-    weight = torch.randn(16_384, 160)  # 10 MiB
-    assert weight.nbytes >= sampling.HEAD_TIMING_MIN_BYTES
-    timed, calls, rows = sampling._timed_min, [], 4
-
-    def recording(candidates, repeats):
-        calls.extend((name, fn().numel() == rows * weight.shape[0]) for name, fn in candidates.items())
-        return timed(candidates, repeats)
-
-    monkeypatch.setattr(sampling, "_timed_min", recording)
-    first = sampling.head_layout(weight, rows)
-    assert first in ("transposed", "vocab_major", "linear")
-    assert sampling.head_layout(weight, rows) == first and len(calls) == 3  # cached: timed once
-    rows = 2
-    sampling.head_layout(weight, rows)  # another row count is timed on its own
-    assert sorted(calls) == sorted([(n, True) for n in ("transposed", "vocab_major", "linear")] * 2)
-    monkeypatch.setattr(sampling, "DECODE_HEAD_COPY_MAX_BYTES", weight.nbytes - 1)
-    calls.clear()
-    rows = 3
-    assert sampling.head_layout(weight, rows) in ("vocab_major", "linear")
-    assert sorted(calls) == [("linear", True), ("vocab_major", True)]
+    small, large, huge = (1000, 64), (20_480, 128), (300_000, 128)  # 0.2 MiB, 10 MiB, 146 MiB
+    assert large[0] * large[1] * 4 >= sampling.LARGE_HEAD_MIN_BYTES > small[0] * small[1] * 4
+    assert huge[0] * huge[1] * 4 > sampling.DECODE_HEAD_COPY_MAX_BYTES
+    layout = sampling.choose_head_layout
+    for cpu in ("AVX2", "AVX512", "DEFAULT", "SVE256"):
+        assert layout(small, cpu) == "transposed"  # in cache: one fixed layout everywhere
+        assert layout(small, cpu, contiguous=False) == "linear"
+    assert layout(large, "AVX2") == layout(huge, "AVX2") == "vocab_major"  # no copy in that layout
+    for cpu in ("AVX512", "DEFAULT"):
+        assert layout(large, cpu) == "transposed" and layout(huge, cpu) == "linear"
+    enabled = sampling.int8_proposal_enabled
+    vector_paths = set(kernels.SIMD_PATHS.values()) - {"scalar C"}
+    for simd in vector_paths:
+        for cpu in ("AVX2", "AVX512", "DEFAULT"):
+            assert enabled(large, simd, cpu) and enabled(huge, simd, cpu)
+            assert not enabled(small, simd, cpu)
+    assert not enabled(large, "scalar C", "AVX2")  # measured slower than the fp32 head
+    assert enabled(large, None, "AVX2") and enabled(large, None, "AVX512")  # PyTorch's int8 product
+    assert not enabled(large, None, "DEFAULT") and not enabled(large, None, "SVE256")
+    over_cap = (sampling.INT8_COPY_MAX_BYTES // 128 + 32, 128)
+    assert not enabled(over_cap, "AVX2", "AVX2")
+    monkeypatch.setattr(sampling, "INT8_PROPOSAL", False)
+    assert not enabled(large, "AVX2", "AVX2")
+    monkeypatch.undo()
+    # this machine: the rules applied to its features, whatever they are
+    model = build_model(tmp_path, vocab_size=large[0], hidden=large[1], layers=1).eval()
+    weight, cpu, simd = model.lm_head.weight, sampling.cpu_capability(), kernels.simd()
+    assert sampling.head_layout(weight) == layout(large, cpu)
+    assert sampling.head_layout(weight.t().contiguous().t()) == layout(large, cpu, contiguous=False)
+    assert (sampling._int8_head(model) is weight) == enabled(large, simd, cpu)
+    paths = sampling.rollout_paths(model, 4, 16, logprobs=False)
+    assert paths["head_layout"] == layout(large, cpu) and paths["int8_proposal"] == enabled(large, simd, cpu)
+    assert paths["cpu_capability"] == cpu and paths["kernel_simd"] == simd
+    assert not sampling.rollout_paths(model, 4, 16)["int8_proposal"]  # log-probs: the fp32 head
+    monkeypatch.setattr(sampling, "INT8_C_KERNEL", False)  # PyTorch's int8 product: its own rule
+    assert (sampling._int8_head(model) is weight) == enabled(large, None, cpu)
 
 
 def test_tiny_decoder_steps_on_one_thread_sample_the_same(model_and_tok, monkeypatch):
@@ -394,6 +412,10 @@ def test_int8_kernel_probabilities_are_within_their_bound(vocab, hidden, outlier
         assert e[5] < e[2] * 100
 
 
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="builds the x86-64 vector paths (-mno-avx512f, -march=x86-64): x86-64 CPUs only",
+)
 @pytest.mark.parametrize(
     "flags, paths",
     [
@@ -611,14 +633,17 @@ def test_int8_proposal_samples_the_exact_distribution(kernel, rounds, temperatur
 
 
 def _big_head_model(monkeypatch, folder):
-    """A 1-layer Llama with a 10 MiB head (above HEAD_TIMING_MIN_BYTES; conftest's builder,
-    saved in `folder`), and the int8 proposal's speed check passed whatever this CPU's timing says."""
+    """A 1-layer Llama with a 10 MiB head (above LARGE_HEAD_MIN_BYTES; conftest's builder, saved
+    in `folder`), sampled through the int8 proposal on every CPU: `int8_proposal_enabled` answers
+    as on an AVX2 CPU (the proposal is exact on every path; the rule is tested on its own)."""
     import sdft_lite.sampling as sampling
 
     model = build_model(folder, vocab_size=20_480, hidden=128, layers=1).eval()
-    assert model.lm_head.weight.nbytes >= sampling.HEAD_TIMING_MIN_BYTES
-    monkeypatch.setattr(sampling, "INT8_MIN_SPEEDUP", 0.0)
-    monkeypatch.setattr(sampling, "_INT8_CHOICE", {})
+    assert model.lm_head.weight.nbytes >= sampling.LARGE_HEAD_MIN_BYTES
+    rule = sampling.int8_proposal_enabled
+    monkeypatch.setattr(
+        sampling, "int8_proposal_enabled", lambda shape, simd, cpu: rule(shape, "AVX2", "AVX2")
+    )
     return model
 
 
@@ -643,8 +668,11 @@ def test_int8_proposal_is_given_up_when_its_bound_is_too_large(monkeypatch, tmp_
 
 def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top_p(monkeypatch, tmp_path):
     """sample_completions uses the int8 proposal for plain temperature sampling without log-probs,
-    on a head above HEAD_TIMING_MIN_BYTES (here forced past the speed check); with log-probs,
-    top-k, top-p or greedy it keeps the fp32 head."""
+    on a head above LARGE_HEAD_MIN_BYTES; with log-probs, top-k, top-p or greedy it keeps the
+    fp32 head, which the proposal path calls only for rows that fall back: none here on any CPU
+    (the final RMSNorm makes |h| = sqrt(128), so the bound E is ~0.03-0.05 nats on every vector
+    path, far below INT8_MAX_BOUND, and eight rejections in a row have odds below 1e-8). The
+    fp32 head was once called nine times more where a timed speed check probed it."""
     import sdft_lite.sampling as sampling
 
     model = _big_head_model(monkeypatch, tmp_path)
@@ -665,6 +693,7 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
         (dict(logprobs=False, greedy=True), False),
     ]:
         monkeypatch.setattr(sampling, "PROPOSAL_STATS", type(sampling.PROPOSAL_STATS)())
+        torch.manual_seed(0)
         tokens, logp = sample_completions(model, ids, mask, **kwargs, **extra)
         assert tokens.shape == (4, 6) and int(tokens.max()) < cfg.vocab_size
         assert (logp is None) == (extra.get("logprobs", True) is False)
@@ -672,7 +701,9 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
         # proposal, and the fp32 head is called only for rows that fall back
         assert sampling.PROPOSAL_STATS["rows"] == (4 * 6 if used else 0), extra
         if used:
-            assert len(head_calls) == sampling.PROPOSAL_STATS["fallback_rows"] == 0
+            assert sampling.PROPOSAL_STATS["fallback_rows"] == 0 and len(head_calls) == 0
+        else:
+            assert len(head_calls) == 6  # one fp32 head call per token
         head_calls.clear()
     head = model.lm_head.weight
     assert sampling._INT8_HEADS[0][0]() is head  # the copy is kept for the next rollout ...
@@ -688,19 +719,42 @@ def test_rollouts_draw_through_the_int8_proposal_only_without_logprobs_top_k_top
     assert not sampling._INT8_HEADS  # freed with the model's head
 
 
-def test_int8_speed_check_leaves_the_first_token_and_the_rng_alone(monkeypatch, tmp_path):
-    """The first rollout of a process times the int8 product against the fp32 head, whose logits
-    buffer the prefill's logits live in: the same seed gives the same tokens with and without
-    that timing (it once drew the first token from the timing's random logits)."""
+@pytest.mark.parametrize("layout", ["transposed", "vocab_major", "linear"])
+def test_same_seed_samples_the_same_tokens_and_no_timing_is_taken(layout, monkeypatch, tmp_path):
+    """One model and seed sampled twice, with other rollouts between them, gives the same tokens
+    through the int8 proposal (which never calls the fp32 head here: once) and through the fp32
+    head, whichever layout this CPU's rule picks (each forced here), with log-probs, top-k and
+    top-p; and no clock is read while sampling: a fast path chosen from a timing gave other
+    tokens on a loaded machine."""
+    import time
+
     import sdft_lite.sampling as sampling
 
     model = _big_head_model(monkeypatch, tmp_path)
-    ids, mask = left_pad([[5, 6, 7, 8], [9, 10, 11, 12]], 0)
-    kwargs = dict(max_new_tokens=5, eos_ids=[-1], pad_id=0, logprobs=False)
-    sample_completions(model, ids, mask, max_new_tokens=2, eos_ids=[-1], pad_id=0)  # head layout timed
-    runs = []
-    for _ in range(2):  # the first with the int8 speed check, the second with its cached answer
-        torch.manual_seed(3)
-        runs.append(sample_completions(model, ids, mask, **kwargs)[0])
-    assert list(sampling._INT8_CHOICE.values()) == [True]
-    assert torch.equal(runs[0], runs[1])
+    monkeypatch.setattr(sampling, "head_layout", lambda weight: layout)
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    plain = [dict(logprobs=False), dict(logprobs=False, temperature=0.7)]  # the int8 proposal
+    settings = (plain if layout == "transposed" else []) + [dict(), dict(top_k=40, top_p=0.8)]
+
+    def clock():
+        raise AssertionError("a clock was read while sampling")
+
+    def run(seed: int, **extra):
+        torch.manual_seed(seed)
+        with monkeypatch.context() as m:
+            for name in ("perf_counter", "perf_counter_ns", "monotonic", "time", "process_time"):
+                m.setattr(time, name, clock)
+            return sample_completions(
+                model, ids, mask, max_new_tokens=6, eos_ids=[-1], pad_id=0, num_samples=2, **extra
+            )
+
+    monkeypatch.setattr(sampling, "PROPOSAL_STATS", type(sampling.PROPOSAL_STATS)())
+    first = [run(3, **extra) for extra in settings]
+    assert sampling.PROPOSAL_STATS["rows"] == (2 * 4 * 6 if layout == "transposed" else 0)
+    run(4, **settings[0])  # another rollout in between (the int8 copy and the buffers are reused)
+    again = [run(3, **extra) for extra in settings]
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(first, again, strict=True):
+        assert torch.equal(ids_a, ids_b)
+        assert (lp_a is None and lp_b is None) or torch.equal(lp_a, lp_b)
+    assert len({tuple(r) for run_ in first for r in run_[0].tolist()}) > 4  # not a constant output
+    assert not torch.equal(run(4, **settings[0])[0], first[0][0])  # the seed matters
