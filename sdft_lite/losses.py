@@ -6,8 +6,9 @@ output head(s), computes its per-token loss and keeps only [rows]-sized results;
 side of a chunk runs under non-reentrant activation checkpointing, so its [rows, vocab]
 tensors are freed after forward and recomputed in backward. Peak memory of the loss is
 therefore O(rows_per_chunk * vocab), which ``rows_per_chunk`` keeps near a fixed budget.
-Forward KL with frozen fp32 linear heads (the CPU default) goes through ``tiled_loss`` instead,
-which streams the head in vocabulary tiles past all rows at once and holds a few MiB.
+Forward KL with a frozen fp32 linear head that student and teacher share (the self-teacher on
+CPU, the default) goes through ``tiled_loss`` instead, which streams the head in vocabulary tiles
+past all rows at once and holds a few MiB.
 
 Divergences follow TRL's ``compute_divergence`` convention (used as the test oracle):
 ``forward`` = KL(teacher || student), ``reverse`` = KL(student || teacher), ``jsd`` = the
@@ -303,17 +304,20 @@ def chunked_distillation_loss(
         return _token_losses(student_head(s_h).float(), teacher_logits(t_h), tgt, spec)
 
     if frozen_head and torch.is_grad_enabled() and student_hidden.requires_grad:
-        w_s, w_t = getattr(student_head, "linear_weight", None), getattr(teacher_head, "linear_weight", None)
+        w = getattr(student_head, "linear_weight", None)
+        # One head for both sides (the self-teachers): the tiles run teacher and student rows
+        # through it in one matmul. A separate teacher (teacher.model) has a head of its own,
+        # possibly over another hidden size: it goes through the row chunks below.
         if (
             spec.support in ("full", "topk")
             and _effective_divergence(spec) == "forward"
-            and w_s is not None
-            and w_t is not None
+            and w is not None
+            and getattr(teacher_head, "linear_weight", None) is w
             and student_hidden.dtype == teacher_hidden.dtype == torch.float32
         ):
             from .tiled_loss import vocab_tiled_loss
 
-            return vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec, old_logprobs)
+            return vocab_tiled_loss(student_hidden, teacher_hidden, w, target_ids, spec, old_logprobs)
         return _fused_loss(
             student_hidden, teacher_hidden, student_head, teacher_logits, target_ids, spec, old_logprobs, rows
         )

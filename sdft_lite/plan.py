@@ -454,11 +454,13 @@ def _loss_spec(s: Settings):
 
 def _vocab_tiled(s: Settings) -> bool:
     """Whether the loss streams the head in vocabulary tiles (tiled_loss.vocab_tiled_loss): forward KL
-    over the full vocabulary or a top-k support, with an fp32 head (CPU; assumes a plain linear head)."""
+    over the full vocabulary or a top-k support, with one fp32 head for both sides (CPU, a
+    self-teacher; assumes a plain linear head). A separate teacher's head goes by row chunks."""
     from .losses import _effective_divergence
 
     forward = _effective_divergence(_loss_spec(s)) == "forward"  # JSD at alpha 0 included, as in the loss
-    return s.method == "sdft" and s.dtype_bytes == 4 and forward and s.support in ("full", "topk")
+    one_head = s.method == "sdft" and not s.external_teacher
+    return one_head and s.dtype_bytes == 4 and forward and s.support in ("full", "topk")
 
 
 def _loss_bytes(vocab: int, tokens: int, s: Settings) -> int:

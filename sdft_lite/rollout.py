@@ -9,6 +9,7 @@ equal eos).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,66 @@ class _SampledLogprobs:
         return torch.stack(self.out, dim=1)
 
 
+def generate_kwargs(cfg: GenerationConfig, greedy: bool, eos_ids: list[int], pad_id: int) -> dict:
+    """Every decoding argument of `generate`, from the recipe alone (used inside `_recipe_only`).
+
+    The sampling warpers (temperature, top-k, top-p) are not among them: `_hf_generate` runs them
+    as logits processors of its own, so that the recorded log-probs are those of the warped
+    distribution. Every other processor is off: no repetition penalty, no n-gram ban, one beam.
+    Keyword arguments, not a GenerationConfig: Unsloth's generate sets `pad_token_id` (to the
+    model's EOS) unless it is one of them.
+    """
+    # Sampling flags are only accepted with do_sample (validate() rejects top_k with greedy);
+    # greedy leaves them unset, which inside `_recipe_only` means generate's neutral defaults.
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+    return dict(
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=0,
+        do_sample=not greedy,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+        **({} if greedy else sampling),
+    )
+
+
+def recipe_warpers(cfg: GenerationConfig) -> list:
+    """Temperature, then top-k, then top-p: transformers' own warpers, in generate's order."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = []
+    if cfg.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        warpers.append(TopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(cfg.top_p))
+    return warpers
+
+
+@contextlib.contextmanager
+def _recipe_only(model):
+    """`generate` fills every field its generation_config leaves unset from the model's own,
+    read from the checkpoint's generation_config.json (Qwen2.5's instruct models ship
+    repetition_penalty 1.1, top_k 20, top_p 0.8, temperature 0.7; others bad_words_ids,
+    suppress_tokens, stop_strings, ... that have no neutral value to override them with).
+    For the call, the model's own is a blank one, so only the recipe decides."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from .models import causal_lm
+
+    lm = causal_lm(model)  # where generate reads it (PeftModel.generate copies it from there)
+    saved = lm.generation_config
+    lm.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
+
+
 @torch.no_grad()
 def generate_rollouts(
     model,
@@ -102,6 +163,8 @@ def generate_rollouts(
     lengths, clipped = completion_lengths(completion, eos_ids)
     mask = mask_from_lengths(lengths, completion.shape[1])
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, pad_id))
+    if logprobs is not None:  # 0 past the EOS, as the built-in sampler records (generate's pad may be -inf)
+        logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
     return Rollout(completion, mask, lengths, clipped, logprobs if record_logprobs else None)
 
 
@@ -146,22 +209,24 @@ def _sample(
 
 
 def _hf_generate(model, prompt_ids, prompt_mask, cfg, eos_ids, pad_id, record_logprobs, greedy):
-    """transformers' `generate` (used by backends with their own fast generate, e.g. Unsloth)."""
+    """transformers' `generate` (used by backends with their own fast generate, e.g. Unsloth).
+
+    generate runs custom logits processors before its own warpers, so the recorder would see
+    unwarped scores: the warpers run here, as ours, ahead of it, and generate's are off.
+    """
     from transformers import LogitsProcessorList
 
+    processors = [] if greedy else recipe_warpers(cfg)
     recorder = _SampledLogprobs() if record_logprobs else None
-    sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        do_sample=not greedy,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        use_cache=True,
-        logits_processor=LogitsProcessorList([recorder]) if recorder else None,
-        **sampling,
-    )
+    if recorder is not None:
+        processors.append(recorder)
+    with _recipe_only(model):
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            logits_processor=LogitsProcessorList(processors),
+            **generate_kwargs(cfg, greedy, eos_ids, pad_id),
+        )
     completion = out[:, prompt_ids.shape[1] :]
     logprobs = (
         recorder.finish(completion[:, -1])[:, : completion.shape[1]]

@@ -1,6 +1,7 @@
-"""The distillation loss for frozen fp32 linear heads (the CPU default): forward KL over the
-full vocabulary or a top-k support, computed by streaming the head weight in vocabulary tiles past
-every completion row at once, with the gradient w.r.t. the student's hidden states in closed form.
+"""The distillation loss for a frozen fp32 linear head that student and teacher share (the
+self-teacher on CPU, the default): forward KL over the full vocabulary or a top-k support,
+computed by streaming the head weight in vocabulary tiles past every completion row at once, with
+the gradient w.r.t. the student's hidden states in closed form.
 
 `losses.chunked_distillation_loss` calls `vocab_tiled_loss` when it applies; its results equal
 `losses.naive_distillation_loss` up to fp32 rounding (tests/test_losses.py).
@@ -47,14 +48,16 @@ AMX_KL_KERNEL = True
 MAX_AMX_TOPK = 1024
 
 
-def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec, old_logprobs) -> LossOutput:
-    """Forward KL over the full vocabulary or a top-k support, with frozen fp32 linear heads,
-    computed by streaming the head weight in vocabulary tiles past all rows of a group at once.
+def vocab_tiled_loss(student_hidden, teacher_hidden, w, target_ids, spec, old_logprobs) -> LossOutput:
+    """Forward KL over the full vocabulary or a top-k support, with one frozen fp32 linear head W
+    [V, H] for both sides, computed by streaming it in vocabulary tiles past all rows of a group
+    at once. (A separate teacher, `teacher.model`, has a head of its own, possibly of another
+    hidden size: `losses` takes it through the row chunks instead.)
 
     Per tile: one [2 n, H] x [H, tile] matmul for teacher and student rows, running maxima and
     sums of exp (the online softmax of FlashAttention), and the running sums the loss and its
     gradient need; nothing of size [rows, V] is ever held. With p the student's and q the
-    teacher's distribution and W the student's head, the gradient w.r.t. a student hidden state
+    teacher's distribution, the gradient w.r.t. a student hidden state
     is E_p[W] - E_q[W] for the full vocabulary, so each row keeps sum_v exp(logit_v - m) W_v, one
     [2 n, tile] x [tile, H] matmul per tile; a top-k support needs the student's sum over the ids
     outside the support and k head rows per row (`_topk_from_tiles`).
@@ -76,13 +79,13 @@ def vocab_tiled_loss(student_hidden, teacher_hidden, w_s, w_t, target_ids, spec,
             target_ids.split(GROUP_ROWS),
             strict=True,
         ):
-            tiles = _stream_tiles(s_h, t_h, w_s, w_t, spec, budget)
+            tiles = _stream_tiles(s_h, t_h, w, spec, budget)
             loss, grad = finish(tiles, spec)
             lse_t, lse_s = tiles.lse[: len(s_h)].squeeze(-1), tiles.lse[len(s_h) :].squeeze(-1)
             losses.append(loss)
             grads.append(grad)
-            logps_s.append(_rowdot(s_h, w_s[tgt]) - lse_s)
-            logps_t.append(_rowdot(t_h, w_t[tgt]) - lse_t)
+            logps_s.append(_rowdot(s_h, w[tgt]) - lse_s)
+            logps_t.append(_rowdot(t_h, w[tgt]) - lse_t)
     return _precomputed_output(student_hidden, losses, grads, logps_s, logps_t, old_logprobs, spec)
 
 
@@ -93,14 +96,11 @@ class _Tiles:
 
     lse: Tensor  # [2n, 1] log-sum-exp of every row's logits
     z: Tensor  # [2n, 1] sum of exp(logit - m)
-    # full, a teacher head of its own: [n, 1] sum over v of exp(a_v - m_t) (a_v - b_v), a teacher,
-    # b student logits (with the student's head, `_full_from_tiles` takes it from g instead)
-    cross: Tensor | None
     # sums of exp(logit - m) W_v: every row's [2n, H] (full); the student's off the support [n, H] (tail)
     g: Tensor | None
     top: _RunningTopK | None  # top-k: the support, with both sides' logits on it
-    w_s: Tensor  # the student's head weight [V, H]
-    gap: Tensor | None = None  # full, one head for both: teacher - student hidden states [n, H]
+    w: Tensor  # the head weight [V, H]
+    gap: Tensor | None = None  # full: teacher - student hidden states [n, H]
 
 
 def _tile_columns(rows: int, vocab: int, budget: int, buffers: int = 2) -> int:
@@ -193,27 +193,25 @@ def _amx_tiles(both: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles |
     if code != 0:  # -2: no AMX bf16 here; -3: out of memory; > 0: rows or weights that are not finite
         return None
     if full:
-        return _Tiles(m + z.log(), z, None, g, None, w, both[:n] - both[n:])
+        return _Tiles(m + z.log(), z, g, None, w, both[:n] - both[n:])
     # The support's logits are fp32 (the kernel's bf16x3 ones chose it).
-    return _Tiles(m + z.log(), z, None, g, _Support(ids, top_s, top_t, True), w)
+    return _Tiles(m + z.log(), z, g, _Support(ids, top_s, top_t, True), w)
 
 
-def _stream_tiles(s_h: Tensor, t_h: Tensor, w_s: Tensor, w_t: Tensor, spec: LossSpec, budget: int) -> _Tiles:
-    n, vocab = s_h.shape[0], w_s.shape[0]
+def _stream_tiles(s_h: Tensor, t_h: Tensor, w: Tensor, spec: LossSpec, budget: int) -> _Tiles:
+    n, vocab = s_h.shape[0], w.shape[0]
     full, tail = spec.support == "full", spec.support == "topk" and spec.add_tail
     both = torch.cat([t_h, s_h])
-    if w_s is w_t and (fast := _amx_tiles(both, w_s, spec, budget)) is not None:
+    if (fast := _amx_tiles(both, w, spec, budget)) is not None:
         return fast
-    # Full vocabulary, one head: nothing reads a tile's logits after its softmax step, whose
-    # probabilities then overwrite them: one buffer, twice as wide within the same bytes.
-    in_place = full and w_s is w_t
-    tile = min(_tile_columns(n, vocab, budget, 1 if in_place else 2), vocab)
+    # Full vocabulary: nothing reads a tile's logits after its softmax step, whose probabilities
+    # then overwrite them: one buffer, twice as wide within the same bytes.
+    tile = min(_tile_columns(n, vocab, budget, 1 if full else 2), vocab)
     logits_buf = both.new_empty(2 * n * tile)
-    probs_buf = logits_buf if in_place else both.new_empty(2 * n * tile)
+    probs_buf = logits_buf if full else both.new_empty(2 * n * tile)
     m = both.new_full((2 * n, 1), float("-inf"))
     z, rescale = both.new_zeros(2 * n, 1), both.new_empty(2 * n, 1)
     lib, threads = _softmax_kernel(both), _softmax_kernel_threads()
-    cross = both.new_zeros(n, 1) if full and w_s is not w_t else None
     g = both.new_zeros(2 * n if full else n, both.shape[1]) if full or tail else None
     top = None
     if not full:
@@ -225,14 +223,10 @@ def _stream_tiles(s_h: Tensor, t_h: Tensor, w_s: Tensor, w_t: Tensor, spec: Loss
             logits_buf[: 2 * n * cols].view(2 * n, cols),
             probs_buf[: 2 * n * cols].view(2 * n, cols),
         )
-        w = w_s[start : start + cols]
-        if w_s is w_t:  # the self-teacher: one matmul for both sides
-            torch.mm(both, w.t(), out=logits)
-        else:
-            torch.mm(t_h, w_t[start : start + cols].t(), out=logits[:n])
-            torch.mm(s_h, w.t(), out=logits[n:])
-        a, b = logits[:n], logits[n:]
+        w_tile = w[start : start + cols]
+        torch.mm(both, w_tile.t(), out=logits)  # one matmul for both sides
         if top is not None:  # this tile's candidates for the support, queued for the next merge
+            a, b = logits[:n], logits[n:]  # the teacher's logits, the student's
             queued = top.offer(b, a, start) if top.source_is_student else top.offer(a, b, start)
         # Earlier sums were taken with a smaller maximum: `rescale` brings them to the new one (0
         # at first); `grew` counts the rows whose maximum grew (0: every rescale is 1, skipped).
@@ -257,29 +251,23 @@ def _stream_tiles(s_h: Tensor, t_h: Tensor, w_s: Tensor, w_t: Tensor, spec: Loss
             z.mul_(rescale).add_(probs.sum(-1, keepdim=True))
             grew = 2 * n
         if full:
-            if cross is not None:
-                if grew:
-                    cross.mul_(rescale[:n])
-                cross.add_(a.sub_(b).mul_(probs[:n]).sum(-1, keepdim=True))  # a is spent
             if grew:
                 g.mul_(rescale)
-            g.addmm_(probs, w)
+            g.addmm_(probs, w_tile)
         elif tail:  # the student's sum over the ids outside the support (see _RunningTopK)
             p_s = probs[n:]
             p_s[queued] = 0.0  # candidates: added back if they do not stay in the support
             if grew:
                 g.mul_(rescale[n:])
-            g.addmm_(p_s, w)
+            g.addmm_(p_s, w_tile)
         if top is not None and (top.full() or start + cols == vocab):
             dropped = top.merge()
             if tail and dropped is not None:
                 rows, ids, student_logits = dropped
                 bags = torch.bincount(rows, minlength=n)  # rows come sorted: one bag of ids per row
                 weights = (student_logits - m[n:][rows, 0]).exp_()
-                g.add_(
-                    F.embedding_bag(ids, w_s, bags.cumsum(0) - bags, mode="sum", per_sample_weights=weights)
-                )
-    return _Tiles(m + z.log(), z, cross, g, top, w_s, t_h - s_h if full and cross is None else None)
+                g.add_(F.embedding_bag(ids, w, bags.cumsum(0) - bags, mode="sum", per_sample_weights=weights))
+    return _Tiles(m + z.log(), z, g, top, w, t_h - s_h if full else None)
 
 
 def _full_from_tiles(tiles: _Tiles, spec: LossSpec) -> tuple[Tensor, Tensor]:
@@ -291,7 +279,7 @@ def _full_from_tiles(tiles: _Tiles, spec: LossSpec) -> tuple[Tensor, Tensor]:
     0.78 / 0.95 s against 0.80 / 0.97 s)."""
     n = tiles.z.shape[0] // 2
     z_t, z_s = tiles.z[:n], tiles.z[n:]
-    cross = tiles.cross if tiles.gap is None else _rowdot(tiles.gap, tiles.g[:n])[:, None]
+    cross = _rowdot(tiles.gap, tiles.g[:n])[:, None]
     loss = (cross / z_t - tiles.lse[:n] + tiles.lse[n:]).squeeze(-1)
     return loss, tiles.g[n:] / z_s - tiles.g[:n] / z_t
 
@@ -333,7 +321,7 @@ def _topk_from_tiles(tiles: _Tiles, spec: LossSpec) -> tuple[Tensor, Tensor]:
         q = rt.exp()
         loss = (q * (rt - rs)).sum(-1)
         on_support, dense = rs.exp() - q, 0.0
-    support = F.embedding_bag(top.ids, tiles.w_s, per_sample_weights=on_support, mode="sum")
+    support = F.embedding_bag(top.ids, tiles.w, per_sample_weights=on_support, mode="sum")
     return loss, support + dense
 
 

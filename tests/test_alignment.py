@@ -186,3 +186,35 @@ def test_plain_prompts_without_chat_template(tiny_model_dir):
     )
     assert tok.decode(enc.student_ids("hi {there}")) == "hi {there}"
     assert tok.decode(enc.teacher_ids("hi", "yo")[0]) == "Q: hi A: yo Q: hi"
+
+
+def test_separate_teacher_of_another_hidden_size_trains(tiny_model_dir, tiny_data, tmp_path):
+    """teacher.model with hidden 48 for a student with hidden 64 (same tokenizer and vocabulary):
+    the loss scores each side with its own head, and training runs and moves the LoRA weights."""
+    from conftest import build_model, build_tokenizer
+
+    teacher_dir = tmp_path / "teacher"
+    tok = build_tokenizer(teacher_dir)
+    build_model(teacher_dir, len(tok), hidden=48, seed=1, eos=tok.convert_tokens_to_ids("<|im_end|>"))
+    recipe = load_recipe(
+        None,
+        data=tiny_recipe(
+            tiny_model_dir,
+            tiny_data,
+            tmp_path / "runs",
+            teacher={"model": str(teacher_dir)},
+            train={"max_steps": 2, "save_steps": 100},
+        ),
+    )
+    run = RunFolder(tmp_path / "runs" / "run")
+    run.prepare("error")
+    trainer = build_trainer(recipe, run)
+    assert trainer.teacher.external.config.hidden_size == 48
+    assert trainer.model.get_base_model().config.hidden_size == 64
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)

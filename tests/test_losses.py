@@ -170,14 +170,28 @@ def _softmax_tile_kernel():
     return lib
 
 
+def _spy_tiled(monkeypatch) -> list:
+    """Records each call of the vocabulary-tiled loss (which still runs): which path was taken."""
+    import sdft_lite.tiled_loss as tiled
+
+    calls, real = [], tiled.vocab_tiled_loss
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiled, "vocab_tiled_loss", spy)
+    return calls
+
+
 @pytest.mark.parametrize("kernel", [True, False])  # the C softmax-tile kernel; PyTorch ops
-@pytest.mark.parametrize("teacher_head", ["shared", "own"])  # the self-teacher; an external teacher's head
 @pytest.mark.parametrize("group_rows", [1024, 16])  # one row group; three, the last one partial
 @pytest.mark.parametrize("name", list(TILED_PATH_SPECS))
-def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, kernel, monkeypatch):
-    """Forward KL (full vocabulary or top-k) with frozen fp32 linear heads (the default on CPU)
-    streams the head in vocabulary tiles with the gradient in closed form: values and gradients
-    equal the naive autograd ones, with each tile's softmax step in the C kernel or in PyTorch."""
+def test_vocab_tiled_path_equals_naive(name, group_rows, kernel, monkeypatch):
+    """Forward KL (full vocabulary or top-k) with one frozen fp32 linear head for both sides (the
+    self-teacher, the default on CPU) streams the head in vocabulary tiles with the gradient in
+    closed form: values and gradients equal the naive autograd ones, with each tile's softmax
+    step in the C kernel or in PyTorch."""
     import sdft_lite.tiled_loss as tiled
 
     if kernel:
@@ -186,29 +200,24 @@ def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, kernel, m
     assert (tiled._softmax_kernel(torch.zeros(1)) is not None) == kernel
     spec = dataclasses.replace(TILED_PATH_SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
     monkeypatch.setattr(tiled, "GROUP_ROWS", group_rows)
-    buffers = 1 if spec.support == "full" and teacher_head == "shared" else 2  # probabilities in place
+    buffers = 1 if spec.support == "full" else 2  # full vocabulary: probabilities in place
     tile = tiled._tile_columns(min(N, group_rows), V, int(TINY_BUDGET_MB * 2**20), buffers)
     assert tile < V and V % tile != 0  # several vocabulary tiles, the last one partial
     g = torch.Generator().manual_seed(5)
     lm = nn.Linear(H, V, bias=False).requires_grad_(False)
     with torch.no_grad():
         lm.weight.copy_(torch.randn(V, H, generator=g))  # peaked distributions
-    head = _trainer_head(lm)
-    assert head.linear_weight is lm.weight  # the path under test is taken
-    if teacher_head == "own":
-        other = nn.Linear(H, V, bias=False).requires_grad_(False)
-        with torch.no_grad():
-            other.weight.copy_(lm.weight + 0.5 * torch.randn(V, H, generator=g))
-        t_head = _trainer_head(other)
-    else:
-        t_head = head
+    head = t_head = _trainer_head(lm)
+    assert head.linear_weight is lm.weight
     hs = torch.randn(N, H, generator=g).requires_grad_()
     ht = hs.detach() + 0.7 * torch.randn(N, H, generator=g)
     ids = torch.randint(0, V, (N,), generator=g)
     upstream = torch.rand(N, generator=g)
     old = _old_logprobs(head, hs, ids) if spec.is_clip else None
 
+    calls = _spy_tiled(monkeypatch)
     fast = chunked_distillation_loss(hs, ht, head, t_head, ids, spec, old_logprobs=old, frozen_head=True)
+    assert len(calls) == 1  # the path under test is taken
     (grad_fast,) = torch.autograd.grad((fast.per_token_loss * upstream).sum(), [hs])
     naive = naive_distillation_loss(head(hs), t_head(ht), ids, spec, old_logprobs=old)
     (grad_naive,) = torch.autograd.grad((naive.per_token_loss * upstream).sum(), [hs])
@@ -217,6 +226,82 @@ def test_vocab_tiled_path_equals_naive(name, group_rows, teacher_head, kernel, m
     torch.testing.assert_close(fast.teacher_logprobs, naive.teacher_logprobs, atol=1e-5, rtol=1e-5)
     assert grad_naive.abs().max() > 0
     torch.testing.assert_close(grad_fast, grad_naive, atol=1e-5, rtol=1e-4)
+
+
+SEPARATE_TEACHER_SPECS = ("forward", "topk_student_tail", "topk_teacher_tail", "reverse", "is_clip")
+
+
+@pytest.mark.parametrize("frozen_head", [True, False])
+@pytest.mark.parametrize("name", SEPARATE_TEACHER_SPECS)
+def test_separate_teacher_of_another_hidden_size(name, frozen_head, monkeypatch):
+    """teacher.model: a frozen fp32 linear head of its own over hidden states of another width
+    (student 32, teacher 48, one vocabulary). The tiles, which run both sides through one head,
+    are not taken; the row chunks give the naive loss and gradient."""
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
+    g = torch.Generator().manual_seed(11)
+    lm_s, lm_t = (nn.Linear(h, V, bias=False).requires_grad_(False) for h in (32, 48))
+    with torch.no_grad():
+        lm_s.weight.copy_(torch.randn(V, 32, generator=g) * 0.5)
+        lm_t.weight.copy_(torch.randn(V, 48, generator=g) * 0.5)
+    head, t_head = _trainer_head(lm_s), _trainer_head(lm_t)
+    assert head.linear_weight is not None and t_head.linear_weight is not None  # both plain fp32 heads
+    hs = torch.randn(N, 32, generator=g).requires_grad_()
+    ht = torch.randn(N, 48, generator=g)
+    ids = torch.randint(0, V, (N,), generator=g)
+    upstream = torch.rand(N, generator=g)
+    old = _old_logprobs(head, hs, ids) if spec.is_clip else None
+
+    calls = _spy_tiled(monkeypatch)
+    out = chunked_distillation_loss(
+        hs, ht, head, t_head, ids, spec, old_logprobs=old, frozen_head=frozen_head
+    )
+    assert not calls
+    (grad,) = torch.autograd.grad((out.per_token_loss * upstream).sum(), [hs])
+    naive = naive_distillation_loss(head(hs), t_head(ht), ids, spec, old_logprobs=old)
+    (grad_naive,) = torch.autograd.grad((naive.per_token_loss * upstream).sum(), [hs])
+    torch.testing.assert_close(out.per_token_loss, naive.per_token_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.teacher_logprobs, naive.teacher_logprobs, atol=1e-5, rtol=1e-5)
+    assert grad_naive.abs().max() > 0
+    torch.testing.assert_close(grad, grad_naive, atol=1e-5, rtol=1e-4)
+
+
+BF16_SPECS = ("forward", "reverse", "jsd_0.5", "topk_student_tail", "sampled", "is_clip")
+
+
+@pytest.mark.parametrize("frozen_head", [True, False])
+@pytest.mark.parametrize("name", BF16_SPECS)
+def test_bf16_head_softmax_runs_in_fp32(name, frozen_head):
+    """16-bit heads (GPU): each chunk's logits are cast to fp32 before the log-softmax. The loss
+    equals the naive one on the same bf16 logits upcast to fp32, and is far from the loss with
+    the log-softmax in bf16 (the cast matters at this size: logits ~ +-10, vocabulary 300)."""
+    from sdft_lite.losses import _token_losses
+
+    spec = dataclasses.replace(SPECS[name], chunk_budget_mb=TINY_BUDGET_MB)
+    g = torch.Generator().manual_seed(13)
+    lm = nn.Linear(H, V, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        lm.weight.copy_(torch.randn(V, H, generator=g))
+    lm = lm.to(torch.bfloat16)
+    head = _trainer_head(lm)
+    assert head.linear_weight is None  # not an fp32 head: no tiles
+    hs = torch.randn(N, H, generator=g).to(torch.bfloat16).requires_grad_()
+    ht = (hs.detach().float() + 0.7 * torch.randn(N, H, generator=g)).to(torch.bfloat16)
+    ids = torch.randint(0, V, (N,), generator=g)
+    old = _old_logprobs(head, hs, ids) if spec.is_clip else None
+
+    out = chunked_distillation_loss(hs, ht, head, head, ids, spec, old_logprobs=old, frozen_head=frozen_head)
+    for t in (out.per_token_loss, out.student_logprobs, out.teacher_logprobs):
+        assert t.dtype == torch.float32
+    (grad,) = torch.autograd.grad(out.per_token_loss.sum(), [hs])
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all() and grad.abs().max() > 0
+    with torch.no_grad():
+        s_logits, t_logits = head(hs), head(ht)  # bf16 [N, V]
+        ref = naive_distillation_loss(s_logits.float(), t_logits.float(), ids, spec, old_logprobs=old)
+        in_bf16, _, _ = _token_losses(s_logits, t_logits, ids, spec)  # the log-softmax left in bf16
+    torch.testing.assert_close(out.per_token_loss, ref.per_token_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.student_logprobs, ref.student_logprobs, atol=1e-5, rtol=1e-5)
+    if not spec.is_clip:  # the weights multiply both sides alike
+        assert (in_bf16.float() - ref.per_token_loss).abs().max() > 100 * 1e-5
 
 
 @pytest.mark.parametrize("cols", [736, 37])  # 16-wide steps and a scalar tail
