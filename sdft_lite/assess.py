@@ -157,10 +157,8 @@ def load_for_eval(recipe, target: str | None, runs_dir: str | Path = "runs"):
 
     run = resolve_run(target, runs_dir) if target else None
     is_run = run is not None and run.adapter.is_dir()
-    if target and not is_run and run is not None and run.status_file.exists():
-        from .train import TrainError
-
-        raise TrainError(f"run {run.name} has no adapter/ yet (state: {run.read_status().get('state')})")
+    if target and not is_run:
+        _check_eval_target(target, run, runs_dir)
     name = resolve_model_name(recipe.model.name if (is_run or not target) else target)
     device = pick_device()
     dtype = pick_dtype(recipe.model.dtype, device)
@@ -173,6 +171,27 @@ def load_for_eval(recipe, target: str | None, runs_dir: str | Path = "runs"):
     model.eval()
     label = run.name if is_run else Path(name).name
     return model, tokenizer, eos_token_ids(tokenizer, model), tokenizer.pad_token_id, label
+
+
+def _check_eval_target(target: str, run: RunFolder, runs_dir: str | Path) -> None:
+    """A target that is neither a trained run nor a model folder must look like a Hub id
+    (owner/name): a mistyped run name is reported as such, not looked up on the Hub."""
+    from .config import DEMO_MODEL
+    from .train import TrainError
+
+    if run.status_file.exists():
+        raise TrainError(f"run {run.name} has no adapter/ yet (state: {run.read_status().get('state')})")
+    if target == DEMO_MODEL or Path(target).expanduser().is_dir() or target.count("/") == 1:
+        return
+    from .runs import list_runs
+
+    names = sorted(r.name for r in list_runs(runs_dir))
+    raise TrainError(
+        f"no run named '{target}' in {runs_dir}"
+        + (f" (runs there: {', '.join(names[:10])})" if names else "")
+        + ", and it is not a model folder: give a run name (with --runs-dir), a run or model folder, "
+        "or a Hub id like Qwen/Qwen2.5-0.5B-Instruct"
+    )
 
 
 def standalone_eval(recipe, target: str | None, runs_dir: str | Path = "runs") -> tuple[str, dict]:

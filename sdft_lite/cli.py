@@ -203,7 +203,13 @@ def cmd_stop(args) -> int:
     )
     if not run.status_file.exists():
         return _err(f"no run at {run.path} (expected a status.json there)")
-    state = run.read_status().get("state")
+    status = run.read_status()
+    state = status.get("state")
+    if state == "interrupted":
+        return _err(
+            f"run {run.name} is not running: its process (pid {status.get('pid')}) is gone. "
+            f"Resume it with: sdft-lite train {run.recipe} --resume"
+        )
     if state not in ("queued", "running"):
         return _err(f"run {run.name} is not running (state: {state})")
     run.request_stop()
@@ -218,12 +224,23 @@ def cmd_runs(args) -> int:
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return 0
-    print(f"{'name':30} {'state':10} {'step':>11}  started")
+    print(f"{'name':30} {'state':11} {'step':>11}  {'started':24}  note")
     for run in runs:
         s = run.read_status()
         step = f"{s.get('step', 0)}/{s.get('total_steps') or '?'}"
-        print(f"{run.name:30} {s.get('state', '?'):10} {step:>11}  {s.get('started_at', '')}")
+        print(f"{run.name:30} {s.get('state', '?'):11} {step:>11}  {s.get('started_at', ''):24}  {_note(s)}")
     return 0
+
+
+def _note(status: dict) -> str:
+    """Why a run ended (first line of its error) and any skipped non-finite steps."""
+    parts = []
+    if status.get("skipped_steps"):
+        parts.append(f"{status['skipped_steps']} non-finite step(s) skipped")
+    if status.get("state") in ("failed", "stopped", "interrupted") and status.get("error"):
+        first = str(status["error"]).splitlines()[0]
+        parts.append(first if len(first) <= 80 else first[:77] + "...")
+    return "; ".join(parts)
 
 
 def cmd_ui(args) -> int:

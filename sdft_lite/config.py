@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
 
 # The paper's teacher prompt (SDFT, Shenfeld et al. 2026, reference code).
 PAPER_TEACHER_TEMPLATE = (
@@ -32,7 +34,7 @@ DEMO_MODEL = "sdft-lite/demo"
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class RecipeError(Exception):
+class RecipeError(UserError):
     """A recipe (or its overrides) is invalid. `problems` lists every issue found."""
 
     def __init__(self, problems: list[str], source: str = "recipe"):
@@ -245,6 +247,10 @@ class TrainConfig(Section):
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A step whose loss or gradient is NaN/inf: 'stop' ends the run as failed (a diverged run is never a success; the last checkpoint is kept); 'skip' drops that step's update, counts it (status.json and metrics.jsonl: skipped_steps) and goes on.",
+    )
     seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
     logging_steps: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     sample_steps: int = Field(
@@ -299,11 +305,40 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: str = Field("runs", description="Folder that holds run folders (relative to the working directory).")
-    name: str | None = Field(None, description="Run folder name. Empty = the recipe file's name.")
+    name: str | None = Field(
+        None,
+        description="Run folder name: one folder inside output.dir (letters, digits, . _ -; at most 100 characters). Empty = the recipe file's name.",
+    )
     if_exists: Literal["error", "resume", "overwrite"] = Field(
         "error",
         description="When the run folder exists: 'error' stops, 'resume' continues from its last checkpoint, 'overwrite' replaces it.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        problem = run_name_problem(name) if name is not None else None
+        if problem:
+            raise ValueError(problem)
+        return name
+
+
+RUN_NAME_MAX = 100
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run folder inside output.dir, or None: a single folder name only,
+    so no run can reach outside output.dir or into another run (`..`, `/x`, `a/b`, `.`)."""
+    if not name or name.strip() != name:
+        return f"run name {name!r} is empty or starts/ends with a space: use e.g. my-run"
+    if name.startswith(".") or not re.fullmatch(r"[\w.+-]+", name):
+        return (
+            f"run name {name!r} must be a single folder name (letters, digits, . _ + -, not starting "
+            "with '.'; no '/', '\\' or spaces): use e.g. my-run"
+        )
+    if len(name) > RUN_NAME_MAX:
+        return f"run name is {len(name)} characters long: use at most {RUN_NAME_MAX}"
+    return None
 
 
 class Recipe(Section):
@@ -397,8 +432,9 @@ def _format_error(err: dict) -> str:
         return f"unknown key '{loc}'{_did_you_mean(loc)}"
     if kind == "missing":
         return f"missing required key '{loc}'"
-    if kind == "value_error" and not loc:
-        return err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{loc}: {msg}" if loc else msg
     got = err.get("input")
     got_s = f", got {got!r}" if not isinstance(got, dict | list) or len(repr(got)) < 60 else ""
     return f"{loc}: {err['msg'].lower()}{got_s}"
@@ -414,11 +450,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise RecipeError([f"override key '{key}' is not a dotted name like train.max_steps"], "command line")
+    parts = key.split(".")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    if _is_text_key(parts) and value is not None and not isinstance(value, str):
+        # `data.system_prompt=Note: one word` is text, not the mapping {Note: one word}; so is
+        # `output.name=2024` (not an int). Quotes still work: `key='a: b'` gives a: b.
+        value = raw
+    return parts, value
+
+
+def _leaf_annotation(parts: list[str]) -> Any:
+    """The schema's type annotation for a dotted key (None when the key is not in the schema)."""
+    model: Any = Recipe
+    info = None
+    for part in parts:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = info.annotation
+    return info.annotation if info else None
+
+
+def _is_text_key(parts: list[str]) -> bool:
+    """A key typed `str` or `str | None`: its override value is the text as written."""
+    ann = _leaf_annotation(parts)
+    return ann is str or (
+        getattr(ann, "__args__", None) is not None and set(ann.__args__) == {str, type(None)}
+    )
 
 
 def set_key(data: dict, key: str, value: Any) -> None:
@@ -458,16 +519,58 @@ def validate_dict(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(problems, source) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that records keys given twice in one mapping (plain YAML keeps the later one
+    silently, so a recipe could train with a value its author did not see)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.duplicates.append(
+                    f"key '{key}' is given twice (lines {seen[key]} and {line}): keep one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml_unique(text: str) -> tuple[Any, list[str]]:
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError([f"{path} is a folder: give the recipe's .yaml file"], str(path))
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}"], str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            [f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save the file as UTF-8"],
+            str(path),
+        ) from None
+    except OSError as e:
+        raise RecipeError([f"cannot read the recipe file: {e.strerror}"], str(path)) from None
+    try:
+        data, duplicates = _load_yaml_unique(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
+    if duplicates:
+        raise RecipeError(duplicates, str(path))
     return data if data is not None else {}
 
 
@@ -477,6 +580,14 @@ def load_recipe(
     """Read, override, resolve and validate a recipe. Raises RecipeError listing all problems."""
     source = str(path) if path else "recipe"
     raw = read_yaml(path) if path is not None else dict(data or {})
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            [
+                f"the top level must be a mapping of sections (model:, data:, train:, ...), got a "
+                f"{type(raw).__name__}: see recipes/quickstart.yaml for the layout"
+            ],
+            source,
+        )
     raw = apply_overrides(raw, overrides or [])
     base_dir = Path(path).resolve().parent if path else Path.cwd()
     # Paths are checked on the raw mapping so a missing file is reported together with type errors.

@@ -1,7 +1,16 @@
-"""Turning exceptions into (error, hint) pairs for status.json and the CLI."""
+"""User errors, and turning exceptions into (error, hint) pairs for status.json and the CLI."""
 
 from __future__ import annotations
 
+
+class UserError(Exception):
+    """Something the user can fix (recipe, data, run name, model path...): the CLI prints
+    `error: <message>` and exits 2, without a traceback. `hint`, when set, says what to change."""
+
+    hint: str | None = None
+
+
+# Older user-facing classes that do not derive from UserError yet, recognised by name.
 USER_ERRORS = (
     "RecipeError",
     "DataError",
@@ -15,7 +24,7 @@ USER_ERRORS = (
 
 
 def is_user_error(e: BaseException) -> bool:
-    return type(e).__name__ in USER_ERRORS
+    return isinstance(e, UserError) or type(e).__name__ in USER_ERRORS
 
 
 def describe_failure(e: BaseException) -> tuple[str, str | None]:
@@ -23,6 +32,8 @@ def describe_failure(e: BaseException) -> tuple[str, str | None]:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted", "resume with: sdft-lite train <recipe> --resume"
     text = str(e).strip() or type(e).__name__
+    if getattr(e, "hint", None):
+        return text, e.hint
     if is_user_error(e):
         return (
             text,

@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Recipe, dump_recipe
-from .runs import RunFolder, atomic_write_text
+from .config import Recipe, RecipeError, dump_recipe, run_name_problem
+from .errors import UserError, is_user_error
+from .runs import RunExistsError, RunFolder, atomic_write_text, list_runs
 
 log = logging.getLogger(__name__)
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A user-facing failure during setup (bad rows, unsupported option...)."""
 
 
@@ -37,12 +41,18 @@ def _detach_log_file(handler: logging.Handler) -> None:
 
 
 def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
-    """Train per the recipe; returns the finished run folder. Raises on failure (status.json says why)."""
+    """Train per the recipe; returns the finished run folder. Raises on failure (status.json says why).
+
+    Everything that can be checked is checked before the run folder is touched (`preflight`), so
+    a bad recipe, data file or model never costs an existing run its files or its status."""
     import time
 
     run = run_folder_for(recipe, recipe_path)
+    checked = preflight(recipe, run)
+    if recipe.output.if_exists == "overwrite" and run.path.exists():
+        shutil.rmtree(run.path)
     run.prepare(recipe.output.if_exists)
-    ckpt = run.last_checkpoint() if recipe.output.if_exists == "resume" else None
+    ckpt = checked.checkpoint
     if ckpt is not None:
         _truncate_metrics(run, int(ckpt.name.split("-")[-1]))
     recipe_yaml = dump_recipe(recipe)
@@ -59,30 +69,39 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
         wall_seconds=None,
     )
     handler = _attach_log_file(run)
+    signals = StopSignals()
     try:
-        trainer = build_trainer(recipe, run, recipe_yaml)
-        if ckpt is not None:
-            log.info("resuming from %s", ckpt)
-            if trainer.teacher is not None and (ckpt / "ema_shadow.pt").exists():
-                import torch
+        with signals:
+            trainer = build_trainer(recipe, run, recipe_yaml, checked, signals)
+            if ckpt is not None:
+                log.info("resuming from %s", ckpt)
+                if trainer.teacher is not None and (ckpt / "ema_shadow.pt").exists():
+                    import torch
 
-                trainer.teacher.load_state_dict(torch.load(ckpt / "ema_shadow.pt", map_location="cpu"))
-        elif recipe.eval.before and trainer.evaluator.sets:
-            run.write_status(stage="evaluating before training")
-            trainer.evaluator("before", 0, base=True)
-            if recipe.eval.teacher:
-                trainer.evaluator("teacher", 0, base=True, as_teacher=True)
-        run.write_status(stage="training")
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        save_adapter(trainer.model, trainer.processing_class, run)
-        if recipe.eval.after and trainer.evaluator.sets:
-            run.write_status(stage="evaluating after training")
-            trainer.evaluator("after", trainer.state.global_step)
-        stopped = run.stop_requested()
+                    trainer.teacher.load_state_dict(torch.load(ckpt / "ema_shadow.pt", map_location="cpu"))
+            elif recipe.eval.before and trainer.evaluator.sets:
+                run.write_status(stage="evaluating before training")
+                trainer.evaluator("before", 0, base=True)
+                if recipe.eval.teacher:
+                    trainer.evaluator("teacher", 0, base=True, as_teacher=True)
+            run.write_status(stage="training")
+            signals.training = True
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            signals.training = False
+            run.write_status(stage="saving the adapter")
+            save_adapter(trainer.model, trainer.processing_class, run)
+            if recipe.eval.after and trainer.evaluator.sets and not signals.received:
+                run.write_status(stage="evaluating after training")
+                trainer.evaluator("after", trainer.state.global_step)
+        stopped = run.stop_requested() or signals.received is not None
         run.write_status(
             state="stopped" if stopped else "completed",
             step=trainer.state.global_step,
             stage=None,
+            error=f"stopped by {signals.received} after step {trainer.state.global_step}"
+            if signals.received
+            else None,
+            hint=f"resume with: sdft-lite train {run.recipe} --resume" if stopped else None,
             wall_seconds=round(time.time() - start, 1),
         )
         log.info(
@@ -90,9 +109,11 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
         )
         return run
     except BaseException as e:
-        from .errors import describe_failure, is_user_error
+        from .errors import describe_failure
 
         error, hint = describe_failure(e)
+        if isinstance(e, KeyboardInterrupt) and signals.received:
+            error = f"interrupted by {signals.received}"
         state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
         run.write_status(
             state=state, error=error, hint=hint, stage=None, wall_seconds=round(time.time() - start, 1)
@@ -101,6 +122,167 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
         raise
     finally:
         _detach_log_file(handler)
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, `timeout`, a closed terminal, a scheduler's preemption)
+    during training: the first one stops the run after its current step, with a checkpoint and
+    the adapter saved (state `stopped`); before training starts, or a second time, it interrupts
+    at once (KeyboardInterrupt, state `stopped`). Installed only in the main thread, where Python
+    delivers signals; the earlier handlers come back on exit."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __init__(self):
+        self.received: str | None = None
+        self.training = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        first = self.received is None
+        self.received = signal.Signals(signum).name
+        if first and self.training:
+            log.warning("%s: stopping after the current step and saving", self.received)
+            return
+        raise KeyboardInterrupt(self.received)
+
+
+@dataclass
+class Checked:
+    """What `preflight` read, handed on so it is not read twice."""
+
+    data: object
+    eval_sets: list
+    checkpoint: Path | None
+
+
+def preflight(recipe: Recipe, run: RunFolder) -> Checked:
+    """Every check that needs no model weights, before the run folder is created, replaced or
+    written: the run name and folder state, the data and probe files, the model's config and
+    tokenizer, and every training row's prompt length."""
+    from .data import handle_bad_rows, load_data
+    from .evaluate import eval_sets_from_recipe
+    from .prompts import PromptEncoder
+
+    checkpoint = check_run_folder(recipe, run)
+    data = load_data(recipe.data)
+    eval_sets = eval_sets_from_recipe(recipe, data.eval)
+    tokenizer = check_model(recipe)
+    encoded, bad = PromptEncoder(tokenizer, recipe.data).encode(data.train)
+    handle_bad_rows(
+        encoded,
+        bad,
+        total=len(data.train),
+        on_bad_row=recipe.data.on_bad_row,
+        split="train",
+        where=f"data.source {recipe.data.source}",
+    )
+    return Checked(data, eval_sets, checkpoint)
+
+
+def check_run_folder(recipe: Recipe, run: RunFolder) -> Path | None:
+    """Whether output.if_exists may act on this run folder now; the checkpoint to resume from."""
+    problem = run_name_problem(run.name)
+    if problem:
+        raise RecipeError([f"output.name: {problem}"])
+    out = Path(recipe.output.dir)
+    for path, what in ((out, "output.dir"), (run.path, "the run folder")):
+        if path.exists() and not path.is_dir():
+            raise RecipeError([f"{what} {path} is a file, not a folder: set output.dir to a folder"])
+    mode, name = recipe.output.if_exists, run.name
+    if not run.exists():
+        if mode == "resume":
+            others = [r.name for r in list_runs(out)]
+            raise RunExistsError(
+                f"there is no run '{name}' in {out} to resume"
+                + (f" (runs there: {', '.join(sorted(others)[:10])})" if others else "")
+                + ": check the name, or drop --resume to start a new run"
+            )
+        return None
+    status = run.read_status()
+    state = status.get("state")
+    if state == "running" and status.get("pid") == os.getpid():
+        state = "queued"  # the app wrote our own pid when it started us for its queued run
+    if state == "running":
+        raise RunExistsError(
+            f"run '{name}' is still training (pid {status.get('pid')}): stop it first with "
+            f"`sdft-lite stop {name} --runs-dir {out}`, or pick another output.name"
+        )
+    if mode == "error":
+        raise RunExistsError(
+            f"run folder {run.path} already exists. Pick another output.name, or pass --resume "
+            f"(output.if_exists=resume) to continue it, or --overwrite (output.if_exists=overwrite) to replace it."
+        )
+    if mode == "overwrite":
+        if not (run.status_file.exists() or run.recipe.exists()):
+            raise RunExistsError(
+                f"{run.path} is not a run folder (no status.json or recipe.yaml): it is not deleted; "
+                "pick another output.name or output.dir"
+            )
+        return None
+    ckpt = run.last_checkpoint()
+    if ckpt is None and state != "queued":  # queued: the app's new run, started with --resume
+        raise RunExistsError(
+            f"run '{name}' has no checkpoint to resume from (state: {state}): start it again with "
+            "--overwrite (its files are replaced)"
+        )
+    step = status.get("step") or 0
+    if state == "completed" and not (recipe.train.max_steps and recipe.train.max_steps > step):
+        raise RunExistsError(
+            f"run '{name}' is already completed (step {step}): to train it further, resume with a larger "
+            f"train.max_steps (e.g. train.max_steps={2 * step or 1}); to start again, --overwrite"
+        )
+    return ckpt
+
+
+def check_model(recipe: Recipe):
+    """The model's (and a separate teacher's) config and tokenizer load, without weights; returns
+    the tokenizer, for the prompt-length check."""
+    if recipe.teacher.model:
+        _load_config_and_tokenizer("teacher.model", recipe.teacher.model, recipe.model, tokenizer=False)
+    return _load_config_and_tokenizer("model.name", recipe.model.name, recipe.model)
+
+
+def _load_config_and_tokenizer(key: str, value: str, cfg, tokenizer: bool = True):
+    from transformers import AutoConfig
+
+    from .models import ModelLoadError, load_tokenizer, resolve_model_name
+
+    name = resolve_model_name(value)
+    try:
+        AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        return load_tokenizer(name, cfg) if tokenizer else None
+    except Exception as e:
+        if is_user_error(e):
+            raise
+        raise ModelLoadError(f"{key}: cannot load {value}: {_first_line(e)}{_model_fix(name)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _model_fix(name: str) -> str:
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return (
+            f". Fix: {p} must be a model folder saved with save_pretrained (config.json, weights, tokenizer)"
+        )
+    return (
+        ". Fix: give a local model folder, or a Hub id that is downloaded already "
+        f"(`hf download {name}`) when this machine is offline"
+    )
 
 
 def _truncate_metrics(run: RunFolder, step: int) -> None:
@@ -169,7 +351,13 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None):
+def build_trainer(
+    recipe: Recipe,
+    run: RunFolder,
+    recipe_yaml: str | None = None,
+    checked: Checked | None = None,
+    signals: StopSignals | None = None,
+):
     """Data -> model -> prompts -> teacher -> SDFTTrainer, ready for .train()."""
     from .backends import activate_backend, load_student_for
 
@@ -186,8 +374,11 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     from .teacher import Teacher
     from .trainer import BarProgress, EvalCallback, RunCallback, SDFTTrainer
 
-    data = load_data(recipe.data)
-    eval_sets = eval_sets_from_recipe(recipe, data.eval)  # checks probe files before the model loads
+    if checked is not None:
+        data, eval_sets = checked.data, checked.eval_sets
+    else:
+        data = load_data(recipe.data)
+        eval_sets = eval_sets_from_recipe(recipe, data.eval)  # checks probe files before the model loads
     run.write_status(stage="loading model")
     loaded = load_student_for(recipe.model, recipe.train.gradient_checkpointing, recipe.train.seed, backend)
     if loaded.device.type == "cpu":
@@ -251,7 +442,7 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
     evaluator = Evaluator(
         loaded.model, loaded.tokenizer, encoder, eval_sets, loaded.eos_ids, loaded.pad_id, recipe.eval, run
     )
-    callbacks = [RunCallback(run, teacher, recipe_yaml or dump_recipe(recipe))]
+    callbacks = [RunCallback(run, teacher, signals)]
     if t.eval_steps and eval_sets:
         callbacks.append(EvalCallback(evaluator, t.eval_steps))
     trainer = SDFTTrainer(
@@ -266,6 +457,7 @@ def build_trainer(recipe: Recipe, run: RunFolder, recipe_yaml: str | None = None
         tokenizer=loaded.tokenizer,
         encoder=encoder,
         callbacks=callbacks,
+        recipe_yaml=recipe_yaml or dump_recipe(recipe),
     )
     trainer.evaluator = evaluator
     if trainer.pop_callback(ProgressCallback) is not None:

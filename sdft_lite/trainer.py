@@ -8,14 +8,18 @@ Trainer's own; this file adds only what self-distillation needs.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
 from .config import Recipe
+from .errors import UserError
 from .hf_trainer import Trainer
 from .losses import LossSpec, aggregate_loss, chunked_distillation_loss
 from .memory import peak_rss_mib
@@ -32,6 +36,7 @@ from .teacher import Teacher
 
 if TYPE_CHECKING:
     from .assess import Evaluator
+    from .train import StopSignals
 
 log = logging.getLogger(__name__)
 SAMPLES_PER_WRITE = 2
@@ -75,9 +80,11 @@ class SDFTTrainer(Trainer):
         pad_id: int,
         tokenizer,
         encoder: PromptEncoder | None = None,
+        recipe_yaml: str = "",
         **kwargs,
     ):
         super().__init__(processing_class=tokenizer, data_collator=Collator(pad_id), **kwargs)
+        self.recipe_yaml = recipe_yaml
         self.recipe = recipe
         self.encoder = encoder or PromptEncoder(tokenizer, recipe.data)
         self.teacher = teacher
@@ -91,6 +98,8 @@ class SDFTTrainer(Trainer):
         self._last_log_time = time.perf_counter()
         self._last_log_step = 0
         self._sampled_step = -1
+        self._skip_update = False  # a micro-batch of this optimizer step had a non-finite loss
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -98,7 +107,85 @@ class SDFTTrainer(Trainer):
             loss = self._sft_loss(model, inputs)
         else:
             loss = self._sdft_loss(model, inputs)
+        if not torch.isfinite(loss.detach()):
+            self._non_finite("loss", loss.item())
+            # A zero loss on the trainable weights keeps backward valid; the step is dropped in
+            # `_clip_grad_norm`, before the optimizer sees it.
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
         return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------ divergence
+    def _non_finite(self, what: str, value: float) -> None:
+        """A NaN/inf loss or gradient: the run fails (train.on_nonfinite: stop), or this
+        optimizer step's update is dropped and counted (skip)."""
+        step = self.state.global_step + 1
+        if self.recipe.train.on_nonfinite == "stop":
+            raise DivergedError(
+                f"training diverged: the {what} is {value} at step {step}",
+                hint=(
+                    f"lower train.learning_rate (now {self.recipe.train.learning_rate:g}), check the data, or "
+                    "set train.on_nonfinite: skip to drop such steps; earlier checkpoints are kept"
+                ),
+            )
+        log.warning("non-finite %s (%s) at step %d: this step's update is skipped", what, value, step)
+        self._skip_update = True
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        value = float(norm)
+        if not self._skip_update and not torch.isfinite(torch.tensor(value)):
+            self._non_finite("gradient norm", value)
+        if self._skip_update:
+            model.zero_grad(set_to_none=True)  # the optimizer skips weights without a gradient
+            self._skip_update = False
+            self.skipped_steps += 1
+            self.run.write_status(skipped_steps=self.skipped_steps)
+            return torch.tensor(0.0)
+        return norm
+
+    # ------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if getattr(self, "_staging", None) else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written in a staging folder with our files (recipe, EMA shadow)
+        and renamed into checkpoints/ only when complete: an interrupted save leaves the previous
+        checkpoints as they were, and `RunFolder.last_checkpoint` never sees a partial one."""
+        final_root = Path(self.args.output_dir)
+        self._staging = final_root / ".staging"
+        shutil.rmtree(self._staging, ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging, self._staging = self._staging, None
+        name = f"checkpoint-{self.state.global_step}"
+        ckpt = staging / name
+        (ckpt / "recipe.yaml").write_text(self.recipe_yaml, encoding="utf-8")
+        if self.teacher is not None and self.teacher.shadow:
+            torch.save(self.teacher.state_dict(), ckpt / "ema_shadow.pt")
+        target = final_root / name
+        if target.exists():  # the same step saved again (a resume at a checkpoint's step)
+            old = final_root / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            os.replace(ckpt, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(ckpt, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._rotate(final_root)
+
+    def _rotate(self, root: Path) -> None:
+        """Keep the newest `save_total_limit` checkpoints (Trainer's rotation ran in the staging folder)."""
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        done = sorted(
+            (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in done[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _sdft_loss(self, model, inputs) -> torch.Tensor:
         g = self.recipe.generation.num_generations
@@ -203,6 +290,8 @@ class SDFTTrainer(Trainer):
                 )
                 logs["tokens_per_s"] = sum(m["generated_tokens"]) / max(1e-9, now - self._last_log_time)
             logs["peak_memory_mb"] = peak_memory_mb(self.args.device)
+            if self.skipped_steps:
+                logs["skipped_steps"] = self.skipped_steps
             self._last_log_time, self._last_log_step = now, step
             self._metrics.clear()
         super().log(logs, start_time)
@@ -286,13 +375,22 @@ class BarProgress(ProgressCallback):
         )
 
 
-class RunCallback(TrainerCallback):
-    """Keeps status.json / metrics.jsonl current, updates the EMA teacher, honours stop requests."""
+class DivergedError(UserError):
+    """A non-finite loss or gradient with train.on_nonfinite: stop."""
 
-    def __init__(self, run: RunFolder, teacher: Teacher | None, recipe_yaml: str):
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+class RunCallback(TrainerCallback):
+    """Keeps status.json / metrics.jsonl current, updates the EMA teacher, honours stop requests
+    (the STOP file, or a signal caught by `train.StopSignals`)."""
+
+    def __init__(self, run: RunFolder, teacher: Teacher | None, signals: StopSignals | None = None):
         self.run = run
         self.teacher = teacher
-        self.recipe_yaml = recipe_yaml
+        self.signals = signals
         self.stopped = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -302,7 +400,8 @@ class RunCallback(TrainerCallback):
         if self.teacher is not None:
             self.teacher.update(state.global_step)
         self.run.write_status(state="running", step=state.global_step, total_steps=state.max_steps)
-        if self.run.stop_requested() and not self.stopped:
+        signalled = self.signals is not None and self.signals.received is not None
+        if (signalled or self.run.stop_requested()) and not self.stopped:
             log.info("stop requested: stopping after step %d and saving", state.global_step)
             self.stopped = True
             control.should_training_stop = True
@@ -313,13 +412,6 @@ class RunCallback(TrainerCallback):
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": time.time()}
             record.update({("lr" if k == "learning_rate" else k): v for k, v in logs.items()})
             append_jsonl(self.run.metrics, record)
-
-    def on_save(self, args, state, control, **kwargs):
-        ckpt = self.run.checkpoints / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            (ckpt / "recipe.yaml").write_text(self.recipe_yaml, encoding="utf-8")
-            if self.teacher is not None and self.teacher.shadow:
-                torch.save(self.teacher.state_dict(), ckpt / "ema_shadow.pt")
 
 
 class EvalCallback(TrainerCallback):

@@ -226,9 +226,7 @@ def test_bad_rows_fail_cleanly(tiny_model_dir, tmp_path):
     )
     assert "Traceback" not in res.stderr
     run = RunFolder(tmp_path / "runs" / "run")
-    status = run.read_status()
-    assert status["state"] == "failed" and "row 1" in status["error"] and status["hint"]
-    assert not run.adapter.exists()
+    assert not run.path.exists()  # every row is checked before the run folder is made
 
     res = cli("train", str(path), "data.on_bad_row=skip", "--overwrite", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
