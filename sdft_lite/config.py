@@ -221,7 +221,7 @@ class GenerationConfig(Section):
     top_k: int = Field(0, ge=0, description="Sample only from the k most likely tokens (0 = off).")
     engine: Literal["sdft", "generate"] = Field(
         "sdft",
-        description="'sdft' = built-in sampling loop (KV cache, exact inverse-CDF sampling, one prefill per prompt shared by its samples; on CPU a lean decode step for Llama, Qwen2, Qwen3 and Mistral models); 'generate' = transformers' model.generate.",
+        description="'sdft' = built-in sampling loop (KV cache, exact inverse-CDF sampling, one prefill per prompt shared by its samples; on CPU a lean decode step for Llama, Qwen2, Qwen3 and Mistral models); 'generate' = transformers' model.generate with the recipe's sampling settings only (the model folder's generation_config.json is ignored).",
     )
 
 
