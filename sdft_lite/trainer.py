@@ -187,8 +187,33 @@ class SDFTTrainer(Trainer):
         for old in done[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _record_paths(self, model, inputs) -> None:
+        """Which rollout paths this run takes (fixed rules of the CPU, the model and the recipe,
+        see `sampling.rollout_paths`), written once to train.log and status.json."""
+        from .sampling import rollout_paths
+
+        gen = self.recipe.generation
+        paths = {"device": model.device.type, "generation_engine": gen.engine}
+        if gen.engine == "sdft":
+            rows = inputs["student_ids"].shape[0] * gen.num_generations
+            paths.update(
+                rollout_paths(
+                    model,
+                    rows,
+                    inputs["student_ids"].shape[1] + gen.max_new_tokens,
+                    logprobs=self.spec.is_clip is not None,
+                    top_k=gen.top_k,
+                    top_p=gen.top_p,
+                )
+            )
+        log.info("paths: %s", ", ".join(f"{k}={v}" for k, v in paths.items()))
+        self.run.write_status(paths=paths)
+        self._paths_recorded = True
+
     def _sdft_loss(self, model, inputs) -> torch.Tensor:
         g = self.recipe.generation.num_generations
+        if not getattr(self, "_paths_recorded", False):
+            self._record_paths(model, inputs)
         start = time.perf_counter()
         roll = generate_rollouts(
             model,
