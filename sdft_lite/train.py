@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,11 @@ class StopSignals:
         self.received = signal.Signals(signum).name
         if first and self.training:
             log.warning("%s: stopping after the current step and saving", self.received)
+            print(
+                f"\n{self.received}: stopping after the current step and saving (again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         raise KeyboardInterrupt(self.received)
 
