@@ -153,27 +153,28 @@ def rollout_context(model) -> contextlib.AbstractContextManager:
 def expand_target_modules(target_modules: list[str] | str, present: set[str] | None = None) -> list[str]:
     """`all-linear` -> the attention and MLP projection names; a list stays as given (deduplicated).
 
-    With `present` (leaf module names of the model), keep only those the model has, and raise
-    BackendError when none is left.
+    With `present` (the model's linear layer leaf names): `all-linear` keeps those the model has;
+    a list must name only modules the model has. Otherwise BackendError naming the missing ones
+    and the linear layers there are.
     """
-    names = (
-        list(UNSLOTH_LINEAR_MODULES)
-        if target_modules == "all-linear"
-        else list(dict.fromkeys(target_modules))
-    )
+    explicit = target_modules != "all-linear"
+    names = list(dict.fromkeys(target_modules)) if explicit else list(UNSLOTH_LINEAR_MODULES)
     if present is not None:
         kept = [n for n in names if n in present]
-        if not kept:
+        missing = [n for n in names if n not in present]
+        if not kept or (explicit and missing):
             raise BackendError(
-                f"lora.target_modules {names} match no module of this model (it has e.g. "
-                f"{sorted(present)[:8]}): list the model's linear layer names"
+                f"model.lora.target_modules: {missing} match no module of this model. Its linear layers "
+                f"are {sorted(present)}: list some of those, or use target_modules: all-linear"
             )
         names = kept
     return names
 
 
 def unsloth_dtype_name(dtype: str) -> str | None:
-    """model.dtype -> Unsloth's `dtype`: None lets Unsloth pick (bfloat16 where supported, else float16)."""
+    """model.dtype -> Unsloth's `dtype`: None lets Unsloth pick (bfloat16 at compute capability 8.0
+    and above, else float16: `models.choose_dtype`'s rule). Unsloth loads float16 for an explicit
+    bfloat16 below 8.0 too, so the backend reads the dtype back from the loaded model."""
     return None if dtype == "auto" else dtype
 
 

@@ -109,6 +109,18 @@ def gpu_rows() -> list[Row]:
     return rows
 
 
+def dtype_row(capability: tuple[int, int] | None) -> Row:
+    """What `model.dtype: auto` loads here: float32 on a CPU; on a GPU, `models.choose_dtype`'s
+    rule for its compute capability (bfloat16 from 8.0, float16 below it, e.g. on a T4)."""
+    from .models import choose_dtype
+
+    if capability is None:
+        return "dtype auto", "float32 (CPU)", OK
+    name = choose_dtype("auto", "cuda", capability)
+    why = "native bfloat16" if name == "bfloat16" else "no native bfloat16 below 8.0"
+    return "dtype auto", f"{name} (gpu 0: compute {capability[0]}.{capability[1]}, {why})", OK
+
+
 def bnb_4bit_row() -> Row:
     """Quantize a Linear(64, 64) to NF4 with bitsandbytes and run a forward on this machine's device."""
     try:
@@ -184,11 +196,13 @@ def run_doctor() -> list[Row]:
     """All checks, in the order `format_doctor` prints them."""
     rows = [python_row()]
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         return rows + [("torch", "not installed", "missing: pip install sdft-lite")]
     gpu = gpu_rows()
     rows += gpu + package_rows(cuda=gpu[0][2] == OK)
+    cuda = torch.cuda.is_available()
+    rows.append(dtype_row(tuple(torch.cuda.get_device_capability(0)) if cuda else None))
     rows.append(bnb_4bit_row())
     rows.append(kernels_row())
     rows.append(backend_row())

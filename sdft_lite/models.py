@@ -8,7 +8,9 @@ backend only has to provide the same two.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,22 +61,159 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+# Native bfloat16 matmuls start at compute capability 8.0 (Ampere). Below it, e.g. a T4 (7.5),
+# `torch.cuda.is_bf16_supported()` still says True (it counts emulation), but bf16 runs emulated and
+# slow, and Unsloth quietly loads float16 instead; its own rule is the same capability test.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def choose_dtype(requested: str, device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """The dtype name to load in: `model.dtype` unless it is 'auto'; then bfloat16 on a GPU of
+    compute capability 8.0 or more, float16 on older GPUs, float32 on a CPU.
+
+    A pure rule (the capability is an input), so it is tested for a T4 or an A100 anywhere.
+    """
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return (
+            "bfloat16" if capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY else "float16"
+        )
+    return "float32"  # CPU matmuls in bf16 are slow on most laptop CPUs
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPU matmuls in bf16 are slow on most laptop CPUs
+    capability = cuda_capability(device)
+    name = choose_dtype(dtype, device.type, capability)
+    if name == "bfloat16" and capability is not None and capability < BF16_MIN_CAPABILITY:
+        log.warning(
+            "model.dtype bfloat16 on a GPU of compute capability %d.%d: it has no native bfloat16 and "
+            "runs it emulated (slow); model.dtype auto picks float16 there",
+            *capability,
+        )
+    return getattr(torch, name)
 
 
-def load_tokenizer(name: str, cfg: ModelConfig):
+def loaded_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's weights were loaded in, read from the model (its input embeddings,
+    which are never quantized), not the one asked for: a backend may load another (Unsloth loads
+    float16 on a T4 when bfloat16 is asked), and training's fp16/bf16 switch must follow the weights."""
+    weight = getattr(causal_lm(model).get_input_embeddings(), "weight", None)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+
+
+def load_tokenizer(name: str, cfg: ModelConfig, key: str = "model.name"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    check_model_source(key, name)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise load_error(key, name, e) from None
     if tok.pad_token_id is None:
         # pad == eos is safe here: every mask is derived from lengths, never from ids != pad.
         tok.pad_token = tok.eos_token
     return tok
+
+
+# --------------------------------------------------------------------------- loading errors
+
+
+def _shown(name: str) -> str:
+    """The demo model by its recipe name, anything else as given."""
+    return DEMO_MODEL if name == resolve_model_name(DEMO_MODEL) else name
+
+
+def _looks_like_path(name: str) -> bool:
+    windows_drive = len(name) > 1 and name[1] == ":"
+    return name.startswith(("/", "./", "../", "~", "\\")) or windows_drive or Path(name).exists()
+
+
+def check_model_source(key: str, name: str) -> None:
+    """Raise ModelLoadError for a local model folder that cannot be one (missing, empty, no or a
+    broken config.json), with the fix; Hub ids pass (their problems show when they load)."""
+    if not _looks_like_path(name):
+        return
+    path = Path(name).expanduser()
+    fix = (
+        f"Fix: set {key} to a folder written by save_pretrained (config.json, the weights, "
+        "the tokenizer files), or to a Hub id"
+    )
+    if not path.exists():
+        raise ModelLoadError(f"{key}: {name} does not exist. {fix}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{key}: {name} is a file, not a model folder. {fix}")
+    config = path / "config.json"
+    if not config.is_file():
+        inside = sorted(p.name for p in path.iterdir())[:6]
+        what = f"it holds {', '.join(inside)}" if inside else "it is empty"
+        raise ModelLoadError(f"{key}: {name} has no config.json ({what}), so it is not a model folder. {fix}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(
+            f"{key}: {config} is not valid JSON ({e}). Fix: save the model again with save_pretrained, "
+            "or copy config.json again from where the model came from"
+        ) from None
+
+
+def load_error(key: str, name: str, e: BaseException) -> ModelLoadError:
+    """A ModelLoadError for a model or tokenizer that failed to load: the key, the model and the fix."""
+    first = next((line for line in str(e).strip().splitlines() if line.strip()), type(e).__name__)
+    shown = _shown(name)
+    if _looks_like_path(name):
+        return ModelLoadError(
+            f"{key}: cannot load the model folder {shown}: {first} Fix: the folder must be written by "
+            "save_pretrained (config.json, the weights and the tokenizer files)"
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    unreachable = offline or "couldn't connect" in first.lower() or "offline" in first.lower()
+    if isinstance(e, OSError) and unreachable:
+        return ModelLoadError(
+            f"{key}: '{shown}' is not in the local Hugging Face cache and the Hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}. Fix: download it once while online "
+            f"(`hf download {shown}`), or set {key} to a local model folder"
+        )
+    return ModelLoadError(
+        f"{key}: cannot load '{shown}' from the Hugging Face Hub: {first} Fix: check the id (and "
+        "model.revision), log in with `hf auth login` for a gated or private model, or use a local folder"
+    )
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the model's linear layers (4-bit ones included), the output head left out:
+    the names `lora.target_modules` can list. A layer LoRA already wraps counts once, by its name."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    names = set()
+    for name, module in lm.named_modules():
+        if not isinstance(module, nn.Linear) or module is head or ".lora_" in name:
+            continue
+        parts = name.split(".")
+        names.add(parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: nn.Module, target_modules: list[str] | str) -> None:
+    """Every name in `lora.target_modules` must match a module (PEFT's rule: the full name or its
+    last dotted parts); otherwise ModelLoadError naming the missing ones and the linear layers there are."""
+    if target_modules == "all-linear":
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ModelLoadError(
+            f"model.lora.target_modules: {missing} match no module of this model. Its linear layers are "
+            f"{linear_module_names(model)}: list some of those, or use target_modules: all-linear"
+        )
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
@@ -92,7 +231,19 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
-def load_base_model(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+def check_target_modules_from_config(config, cfg: ModelConfig) -> None:
+    """`check_target_modules` before any weight is loaded: on an empty model (meta device) built
+    from the model's transformers config, for a check before the run folder is touched."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    check_target_modules(model, cfg.lora.target_modules)
+
+
+def load_base_model(
+    name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, key: str = "model.name"
+):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = dict(dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -104,12 +255,11 @@ def load_base_model(name: str, cfg: ModelConfig, device: torch.device, dtype: to
             bnb_4bit_use_double_quant=True,
         )
     kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    check_model_source(key, name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as e:
-        raise ModelLoadError(
-            f"could not load model '{name}': {e}. Use a local folder, or a Hub id that is cached or reachable."
-        ) from None
+    except (OSError, ValueError) as e:
+        raise load_error(key, name, e) from None
     if cfg.load_in_4bit and device.type == "cpu":
         _keep_cpu_4bit_trainable(model)
     return model
@@ -143,6 +293,7 @@ def load_student(cfg: ModelConfig, gradient_checkpointing: bool, seed: int) -> L
         # Non-reentrant checkpointing needs no `enable_input_require_grads()` (which also breaks
         # bitsandbytes' CPU 4-bit matmul: it adds the bias in place to a view of a grad-requiring leaf).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    check_target_modules(model, cfg.lora.target_modules)
     torch.manual_seed(seed)  # LoRA init
     lora = LoraConfig(
         r=cfg.lora.r,
@@ -153,14 +304,39 @@ def load_student(cfg: ModelConfig, gradient_checkpointing: bool, seed: int) -> L
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora, adapter_name=STUDENT_ADAPTER)
+    dtype = loaded_dtype(model)
+    log.info("student loaded: %s on %s, dtype %s", cfg.name, device, str(dtype).removeprefix("torch."))
     return LoadedModel(
         model, tokenizer, device, dtype, eos_token_ids(tokenizer, model), tokenizer.pad_token_id
     )
 
 
+def load_adapter_weights(
+    model: nn.Module, adapter_dir: str | Path, adapter_name: str = STUDENT_ADAPTER
+) -> None:
+    """Load a saved adapter folder's weights (a run's adapter/) into `model`'s adapter `adapter_name`,
+    which must have the same shape (the run's `model.lora`); ModelLoadError when it does not."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    device = next(model.parameters()).device
+    try:
+        state = load_peft_weights(str(adapter_dir), device=str(device))
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    except (OSError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the adapter in {adapter_dir}: {first}") from None
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k]
+    if result.unexpected_keys or missing:
+        raise ModelLoadError(
+            f"the adapter in {adapter_dir} does not fit the recipe's model.lora (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}): export with the recipe the run was trained with"
+        )
+
+
 def load_frozen(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A separate teacher model (research option): frozen, eval mode, no adapter."""
-    model = load_base_model(resolve_model_name(name), cfg, device, dtype)
+    model = load_base_model(resolve_model_name(name), cfg, device, dtype, key="teacher.model")
     model.requires_grad_(False)
     return model.eval()
 

@@ -43,8 +43,12 @@ from .models import (
     LoadedModel,
     ModelLoadError,
     causal_lm,
+    check_model_source,
     eos_token_ids,
-    pick_dtype,
+    linear_module_names,
+    load_adapter_weights,
+    load_error,
+    loaded_dtype,
     resolve_model_name,
 )
 
@@ -56,16 +60,16 @@ def load_student(cfg: ModelConfig, gradient_checkpointing: bool, seed: int) -> L
     """Base model (4-bit when asked) + a fresh trainable LoRA adapter 'default', via Unsloth."""
     from peft import PeftModel
 
-    kwargs = unsloth_load_kwargs(cfg, resolve_model_name(cfg.name), gradient_checkpointing)
+    name = resolve_model_name(cfg.name)
+    check_model_source("model.name", name)
+    kwargs = unsloth_load_kwargs(cfg, name, gradient_checkpointing)
     if kwargs["dtype"] is not None:
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
-    except OSError as e:
-        raise ModelLoadError(
-            f"could not load model '{cfg.name}': {e}. Use a local folder, or a Hub id that is cached or reachable."
-        ) from None
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    except (OSError, ValueError) as e:
+        raise load_error("model.name", name, e) from None
+    present = set(linear_module_names(model))
     model = FastLanguageModel.get_peft_model(
         model, **unsloth_peft_kwargs(cfg, gradient_checkpointing, seed, present)
     )
@@ -79,8 +83,17 @@ def load_student(cfg: ModelConfig, gradient_checkpointing: bool, seed: int) -> L
         # pad == eos is safe here: every mask is derived from lengths, never from ids != pad.
         tokenizer.pad_token = tokenizer.eos_token
     device = causal_lm(model).get_output_embeddings().weight.device
-    # Unsloth's own `dtype=None` rule (bfloat16 where supported, else float16) is pick_dtype's on a GPU.
-    dtype = kwargs["dtype"] or pick_dtype("auto", device)
+    # What Unsloth loaded, not what was asked: below compute capability 8.0 it loads float16 for
+    # bfloat16 (and for auto), and the trainer's fp16/bf16 switch must match the weights.
+    dtype = loaded_dtype(model)
+    if kwargs["dtype"] is not None and dtype != kwargs["dtype"]:
+        log.warning(
+            "model.dtype is %s, but Unsloth loaded %s on this GPU (no native bfloat16 below compute "
+            "capability 8.0): training runs in %s",
+            cfg.dtype,
+            *[str(dtype).removeprefix("torch.")] * 2,
+        )
+    log.info("student loaded: %s on %s, dtype %s", cfg.name, device, str(dtype).removeprefix("torch."))
     return LoadedModel(
         model, tokenizer, device, dtype, eos_token_ids(tokenizer, model), tokenizer.pad_token_id
     )
@@ -141,11 +154,12 @@ def export_adapter(
 ) -> Path:
     """Merge a saved run adapter (runs/<name>/adapter) into its base model and export it.
 
-    Unsloth loads an adapter folder as base (from adapter_config.json) + adapter.
+    The student is loaded as training loaded it (`cfg` is the run's `model` section: the same
+    model, `model.revision` and adapter shape), then the saved weights go into its adapter. Not
+    Unsloth's own load of the adapter folder: that loads the base from the Hub's default branch
+    (its `revision` names the adapter's repo), so a run that pinned a revision would be merged
+    onto other weights.
     """
-    kwargs = unsloth_load_kwargs(cfg, str(adapter_dir), gradient_checkpointing=False)
-    kwargs["revision"] = None  # cfg.revision names the base model's revision, not the local adapter's
-    if kwargs["dtype"] is not None:
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
-    return save_merged(model, tokenizer, out_dir, kind, quantization)
+    loaded = load_student(cfg, gradient_checkpointing=False, seed=0)
+    load_adapter_weights(loaded.model, adapter_dir)
+    return save_merged(loaded.model, loaded.tokenizer, out_dir, kind, quantization)

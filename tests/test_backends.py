@@ -131,6 +131,10 @@ def test_expand_target_modules():
     ]
     with pytest.raises(BackendError, match="match no module"):
         expand_target_modules(["query_key_value"], present={"q_proj", "v_proj"})
+    # A listed name the model lacks is an error even next to ones it has (all-linear just narrows).
+    with pytest.raises(BackendError) as e:
+        expand_target_modules(["q_proj", "qkv"], present={"q_proj", "v_proj"})
+    assert "model.lora.target_modules: ['qkv']" in str(e.value) and "['q_proj', 'v_proj']" in str(e.value)
 
 
 def test_unsloth_kwargs():
@@ -243,10 +247,23 @@ def test_doctor_reports_this_machine():
     value, status = checks["bitsandbytes 4-bit"]
     assert status == "ok" and value.startswith("works on"), (value, status)
     assert checks["backend auto"][0].startswith("unsloth" if cuda_available() and HAS_UNSLOTH else "hf")
+    if not cuda_available():
+        assert checks["dtype auto"] == ("float32 (CPU)", "ok")
     assert all(s == "ok" or s.startswith(("warn: ", "missing: ")) for _, _, s in rows)
     text = format_doctor(rows)
     assert "bitsandbytes 4-bit" in text and "backend auto" in text
     assert "unsloth" not in sys.modules  # doctor reads metadata; importing unsloth would patch transformers
+
+
+@pytest.mark.parametrize(
+    ("capability", "says"),
+    [((7, 5), "float16 (gpu 0: compute 7.5, no native bfloat16"), ((8, 0), "bfloat16 (gpu 0: compute 8.0")],
+)
+def test_doctor_reports_the_dtype_rule_for_a_gpu(capability, says):
+    from sdft_lite.doctor import dtype_row
+
+    check, value, status = dtype_row(capability)
+    assert check == "dtype auto" and value.startswith(says) and status == "ok"
 
 
 def test_doctor_lists_missing_packages_with_their_fix():
@@ -343,18 +360,35 @@ def test_unsloth_backend_end_to_end_on_unsloths_cpu_fallback(tiny_model_dir, tmp
         lm.model.train()
         with rollout_context(lm.model):
             roll = generate_rollouts(lm.model, ids, mask, GenerationConfig(max_new_tokens=5), lm.eos_ids, lm.pad_id)
+        training_after_rollout = lm.model.training
+        with torch.no_grad():  # "train" the student: the exports must carry its adapter, not the base
+            for n, p in lm.model.named_parameters():
+                if "lora_B" in n and ".default." in n:
+                    p.add_(0.05 * torch.randn_like(p))
+            lm.model.eval()
+            student_logits = lm.model(input_ids=ids).logits
+            with lm.model.disable_adapter():
+                base_logits = lm.model(input_ids=ids).logits
         out = ub.save_merged(lm.model, lm.tokenizer, {str(tmp_path / "merged")!r})
         lm.model.save_pretrained({str(tmp_path / "adapter")!r}, selected_adapters=["default"])  # as a run does
         lm.tokenizer.save_pretrained({str(tmp_path / "adapter")!r})
         exported = ub.export_adapter({str(tmp_path / "adapter")!r}, {str(tmp_path / "export")!r}, cfg)
+        from transformers import AutoModelForCausalLM
+
+        def distances(folder):  # (to the student, to the base) of a merged model's logits
+            with torch.no_grad():
+                m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+                logits = m(input_ids=ids).logits
+            return [(logits - ref).abs().max().item() for ref in (student_logits, base_logits)]
         print(json.dumps({{
             "model": type(lm.model).__name__, "backend": backend_of(lm.model), "dtype": str(lm.dtype),
             "adapters": sorted(lm.model.peft_config), "active": lm.model.active_adapters,
             "ema_tensors": len(teacher.shadow), "hidden": list(h.shape), "teacher": list(teacher.hidden_states(ids, mask).shape),
-            "lora_starts_at_base": torch.allclose(h, base, atol=1e-5), "training_after_rollout": lm.model.training,
+            "lora_starts_at_base": torch.allclose(h, base, atol=1e-5), "training_after_rollout": training_after_rollout,
             "training_after_eval_rollout": eval_after_eval,
             "completion": list(roll.completion_ids.shape), "merged": sorted(os.listdir(out)),
             "exported": sorted(os.listdir(exported)),
+            "merged_distances": distances(out), "exported_distances": distances(exported),
         }}))
     """,
         tmp_path,
@@ -373,3 +407,5 @@ def test_unsloth_backend_end_to_end_on_unsloths_cpu_fallback(tiny_model_dir, tmp
     )
     for folder in (got["merged"], got["exported"]):
         assert "config.json" in folder and any(f.endswith(".safetensors") for f in folder), folder
+    for to_student, to_base in (got["merged_distances"], got["exported_distances"]):
+        assert to_student < 0.1 * to_base, got  # the trained adapter is merged in (16-bit rounding aside)
