@@ -47,7 +47,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import run_folder_for, train
+    from .train import train
 
     recipe = _load(args)
     from .backends import select_backend
@@ -57,9 +57,7 @@ def cmd_train(args) -> int:
         refusal = _memory_refusal(recipe)
         if refusal:
             return _err(refusal)
-    run = run_folder_for(recipe, args.recipe)
-    print(f"run folder: {run.path}", file=sys.stderr)
-    run = train(recipe, args.recipe)
+    run = train(recipe, args.recipe, announce=lambda run: print(f"run folder: {run.path}", file=sys.stderr))
     state = run.read_status().get("state")
     print(f"{state}: adapter saved to {run.adapter}", file=sys.stderr)
     _print_before_after(run)

@@ -75,7 +75,7 @@ class ModelConfig(Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Compute dtype. 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.",
+        description="Compute dtype. 'auto' = bfloat16 on GPUs of compute capability 8.0+ (A100, RTX 30xx and newer), float16 on older GPUs (T4, V100), float32 on CPU.",
     )
     max_seq_length: int = Field(
         2048, ge=16, description="Longest teacher prompt + completion the model will see."

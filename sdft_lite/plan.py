@@ -567,7 +567,10 @@ def load_model_config(name: str, revision: str | None = None) -> dict:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PlanError(f"{path} has no config.json")
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+        try:
+            return json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path / 'config.json'} is not valid JSON ({e})") from None
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:  # pragma: no cover - installed with transformers

@@ -41,11 +41,12 @@ def _detach_log_file(handler: logging.Handler) -> None:
     handler.close()
 
 
-def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
+def train(recipe: Recipe, recipe_path: str | Path | None = None, announce=None) -> RunFolder:
     """Train per the recipe; returns the finished run folder. Raises on failure (status.json says why).
 
     Everything that can be checked is checked before the run folder is touched (`preflight`), so
-    a bad recipe, data file or model never costs an existing run its files or its status."""
+    a bad recipe, data file or model never costs an existing run its files or its status.
+    `announce(run)` is called once the run folder is ready (the CLI prints where it is)."""
     import time
 
     run = run_folder_for(recipe, recipe_path)
@@ -53,6 +54,8 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None) -> RunFolder:
     if recipe.output.if_exists == "overwrite" and run.path.exists():
         shutil.rmtree(run.path)
     run.prepare(recipe.output.if_exists)
+    if announce is not None:
+        announce(run)
     ckpt = checked.checkpoint
     if ckpt is not None:
         _truncate_metrics(run, int(ckpt.name.split("-")[-1]))
@@ -252,43 +255,30 @@ def check_run_folder(recipe: Recipe, run: RunFolder) -> Path | None:
 
 
 def check_model(recipe: Recipe):
-    """The model's (and a separate teacher's) config and tokenizer load, without weights; returns
-    the tokenizer, for the prompt-length check."""
+    """The model's (and a separate teacher's) config and tokenizer load, and the LoRA target
+    modules exist in it, all without weights; returns the tokenizer, for the prompt lengths."""
     if recipe.teacher.model:
-        _load_config_and_tokenizer("teacher.model", recipe.teacher.model, recipe.model, tokenizer=False)
-    return _load_config_and_tokenizer("model.name", recipe.model.name, recipe.model)
+        _load_config("teacher.model", recipe.teacher.model, recipe.model)
+    from .models import check_target_modules_from_config, load_tokenizer, resolve_model_name
+
+    config = _load_config("model.name", recipe.model.name, recipe.model)
+    check_target_modules_from_config(config, recipe.model)
+    return load_tokenizer(resolve_model_name(recipe.model.name), recipe.model)
 
 
-def _load_config_and_tokenizer(key: str, value: str, cfg, tokenizer: bool = True):
+def _load_config(key: str, value: str, cfg):
     from transformers import AutoConfig
 
-    from .models import ModelLoadError, load_tokenizer, resolve_model_name
+    from .models import check_model_source, load_error, resolve_model_name
 
     name = resolve_model_name(value)
+    check_model_source(key, name)
     try:
-        AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        return load_tokenizer(name, cfg) if tokenizer else None
-    except Exception as e:
-        if is_user_error(e):
-            raise
-        raise ModelLoadError(f"{key}: cannot load {value}: {_first_line(e)}{_model_fix(name)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _model_fix(name: str) -> str:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return (
-            f". Fix: {p} must be a model folder saved with save_pretrained (config.json, weights, tokenizer)"
+        return AutoConfig.from_pretrained(
+            name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    return (
-        ". Fix: give a local model folder, or a Hub id that is downloaded already "
-        f"(`hf download {name}`) when this machine is offline"
-    )
+    except (OSError, ValueError) as e:
+        raise load_error(key, name, e) from None
 
 
 def _truncate_metrics(run: RunFolder, step: int) -> None:
