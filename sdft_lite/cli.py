@@ -47,9 +47,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .train import check_run_folder, run_folder_for, train
 
     recipe = _load(args)
+    check_run_folder(recipe, run_folder_for(recipe, args.recipe))  # refusals before torch is imported
     from .backends import select_backend
 
     select_backend(recipe.model)  # BackendError (a user error) before the run folder is touched
