@@ -82,6 +82,11 @@ NO_COLUMN = "(none)"
 PREVIEW_ROWS = 5
 CELL_CHARS = 160
 NAME_RE = re.compile(r"[A-Za-z0-9][\w.-]*")
+# The shipped recipes (a source checkout): relative paths of an uploaded copy resolve here, a path
+# typed in the box may be relative to the repository, and the demo model's form comes from here.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+DEMO_RECIPE = RECIPES_DIR / "quickstart.yaml"
 
 
 def param(key: str) -> str:
@@ -211,6 +216,8 @@ def form_dict(values: dict, base: dict | None) -> tuple[dict, list[str]]:
 
 def build_recipe(values: dict, base: dict | None, runs_dir: Path) -> tuple[Recipe | None, list[str]]:
     """Validate the form exactly as `sdft-lite validate` would; the run goes to runs_dir/<output.name>."""
+    if values.get("model_kind") == MODEL_KINDS[1] and base is not None and base == demo_recipe():
+        base = None  # the form's start (the demo's quickstart): its eval and probe sets suit the demo only
     d, extra = form_dict(values, base)
     name = (values.get("output__name") or "").strip()
     if not name:
@@ -233,15 +240,51 @@ def build_recipe(values: dict, base: dict | None, runs_dir: Path) -> tuple[Recip
 
 
 def data_problems(recipe: Recipe) -> list[str]:
-    """Read the training table and check the mapped columns (DataError messages, as the CLI shows them)."""
-    from sdft_lite.data import DataError, check_columns, read_table
+    """What `sdft-lite train` would reject before training: the data as `load_data` reads it (columns,
+    bad rows, the eval split) and models that cannot be loaded here. Messages as the CLI shows them."""
+    from sdft_lite.data import DataError, load_data
+
+    problems = []
+    if recipe.data.prompt_column == recipe.data.demonstration_column:
+        problems.append(
+            f"data.prompt_column and data.demonstration_column are both '{recipe.data.prompt_column}': "
+            "the demonstration must be a column of its own (the answer the teacher is shown)"
+        )
+    else:
+        try:
+            load_data(recipe.data)
+        except DataError as e:
+            problems.append(str(e) if str(e).startswith("data.") else f"data.source: {e}")
+    for key, name, revision in (
+        ("model.name", recipe.model.name, recipe.model.revision),
+        ("teacher.model", recipe.teacher.model, None),
+    ):
+        problem = model_problem(key, name, revision)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def model_problem(key: str, name: str | None, revision: str | None = None) -> str | None:
+    """None when the model can be loaded without a download (demo, local folder, Hub id in the local
+    cache), else what to do. The app checks before starting: a training that has to download a model
+    fails offline, and online it would spend minutes before its first step."""
+    if not name or name == DEMO_MODEL or Path(name).expanduser().is_dir():
+        return None
+    if Path(name).expanduser().is_absolute() or name.startswith((".", "~")):
+        return f"{key}: folder not found: {name}"
+    from huggingface_hub import try_to_load_from_cache
 
     try:
-        rows = read_table(recipe.data.source, recipe.data.split)
-        check_columns(rows, recipe.data, f"data.source {recipe.data.source}")
-    except DataError as e:
-        return [f"data.source: {e}"]
-    return []
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception as e:  # not a valid repo id
+        return f"{key}: '{name}' is neither a local folder nor a Hub model id ({e})"
+    if isinstance(cached, str):
+        return None
+    return (
+        f"{key}: '{name}' is not a local folder and is not in the local Hugging Face cache: download it "
+        f"first (`huggingface-cli download {name}`, needs network) or give the folder that holds it"
+    )
 
 
 def recipe_yaml(recipe: Recipe) -> str:
@@ -249,13 +292,14 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 def plan_text(recipe: Recipe) -> str:
-    """The VRAM plan (sdft_lite.plan, when installed) for this recipe on a CUDA GPU."""
+    """The memory plan (sdft_lite.plan) for this recipe on the device its training will use here."""
     try:
+        from sdft_lite.backends import cuda_available
         from sdft_lite.plan import format_plan, plan_recipe
     except ImportError:
         return "(memory plan unavailable: this sdft-lite has no sdft_lite.plan)"
     try:
-        return format_plan(plan_recipe(recipe, device="cuda"))
+        return format_plan(plan_recipe(recipe, device="cuda" if cuda_available() else "cpu"))
     except Exception as e:  # the plan is advice: never block a launch on it
         return f"(memory plan unavailable: {type(e).__name__}: {e})"
 
@@ -345,8 +389,15 @@ def render_prompts(recipe: Recipe) -> tuple[str, str, str]:
 # --------------------------------------------------------------------------- recipe file -> form
 
 
-def read_recipe_file(path: str | Path) -> tuple[dict | None, str]:
-    """A recipe YAML as a raw mapping with its relative paths made absolute (against its folder)."""
+def read_recipe_file(path: str | Path, uploaded: bool = False) -> tuple[dict | None, str]:
+    """A recipe YAML as a raw mapping with its relative paths made absolute, as the CLI resolves them:
+    against the recipe's folder, then the current folder. An uploaded file sits alone in a temporary
+    folder, so its relative paths are read against the shipped recipes folder (a copy of a shipped
+    recipe finds its data there). A relative path typed in the box may also be relative to the
+    repository (the box's example works wherever the app was started)."""
+    path = Path(path).expanduser()
+    if not uploaded and not path.is_absolute() and not path.exists() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
     try:
         raw = read_yaml(path)
     except RecipeError as e:
@@ -355,11 +406,23 @@ def read_recipe_file(path: str | Path) -> tuple[dict | None, str]:
         return None, problems_markdown(
             ["the top level must be a mapping of sections (model:, data:, ...)"], "Cannot load this recipe"
         )
-    missing = resolve_recipe_paths(raw, Path(path).resolve().parent)
-    note = f"loaded {Path(path).name}"
+    folder = RECIPES_DIR if uploaded and RECIPES_DIR.is_dir() else path.resolve().parent
+    missing = resolve_recipe_paths(raw, folder)
+    note = f"loaded {path.name}"
     if missing:
         note += " (fix these paths in the form or in extra keys):\n\n" + "\n".join(f"- {m}" for m in missing)
     return raw, note
+
+
+def demo_recipe() -> dict | None:
+    """The quickstart recipe (the settings measured to work on the demo model), paths resolved and
+    without its run name, or None outside a source checkout."""
+    if not DEMO_RECIPE.is_file():
+        return None
+    raw, _ = read_recipe_file(DEMO_RECIPE)
+    if raw is not None:
+        raw.pop("output", None)
+    return raw
 
 
 def form_values(raw: dict, file_name: str | None = None) -> dict:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -19,7 +21,7 @@ from sdft_lite.runs import RunFolder
 
 from . import form as F
 from . import views as V
-from .jobs import JobError, Jobs, shell_command
+from .jobs import ENDED, JobError, Jobs, shell_command
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,21 @@ def _plot_update(frame: pd.DataFrame, run_name: str) -> dict:
     return gr.update(value=frame, caption=f"{run_name} at step {last.step}: {latest}")
 
 
+def _started_message(run: RunFolder) -> str:
+    status = run.read_status()
+    launched = status.get("state") == "running" or status.get("stage") == "starting"
+    where = "started" if launched else "queued: it starts when the running training ends"
+    return f"Run **{run.name}** {where}. Follow it in the Runs tab."
+
+
 class Handlers:
     def __init__(self, jobs: Jobs):
         self.jobs = jobs
         self.runs_dir = jobs.runs_dir
+        # Start is idempotent: the same form (a double click) gives the same run, not a second one
+        # or an "already exists" error. Form -> (run name, outputs of its start).
+        self._started: dict[str, tuple[str, str, str, str]] = {}
+        self._start_lock = threading.Lock()
 
     def run(self, name: str | None) -> RunFolder | None:
         """The run folder of a name the page sent: a plain folder name, never a path."""
@@ -78,10 +91,41 @@ class Handlers:
             return None
         return str(path) if path.is_file() else None
 
-    def model_kind_changed(self, kind: str, name: str, source: str):
+    def form_updates(
+        self, raw: dict | None, message: str, keep: tuple[str, ...] = (), file_name: str | None = None
+    ) -> list:
+        """Every form value + base + message for a raw recipe (load a recipe, pick the demo model);
+        the fields named in `keep` are left as the user set them."""
+        outputs = F.SPECIAL + [F.param(k) for k in F.GENERIC_KEYS]
+        if raw is None:
+            return [gr.update() for _ in outputs] + [gr.update(), message]
+        values = F.form_values(raw, file_name)
+        updates = [gr.update() if p in keep else values[p] for p in outputs]
+        updates[1] = gr.update(
+            value=values["model_name"], interactive=values["model_kind"] != F.MODEL_KINDS[0]
+        )
+        for i, p in enumerate(outputs):  # column dropdowns: allow the loaded names before any preview
+            if p in ("data__prompt_column", "data__demonstration_column", "data__answer_column"):
+                updates[i] = gr.update(
+                    choices=sorted({values[p], F.NO_COLUMN} if p.endswith("answer_column") else {values[p]}),
+                    value=values[p],
+                )
+        return updates + [raw, message]
+
+    def model_kind_changed(self, kind: str, name: str, source: str, base: dict | None):
+        """The demo model gets the quickstart's settings (the schema's defaults do not suit it); another
+        model keeps the form as it is, without the demo's eval and probe sets."""
+        demo = F.demo_recipe()
+        if kind == F.MODEL_KINDS[0] and demo is not None:
+            note = f"The demo model: settings of `{F.DEMO_RECIPE.relative_to(F.REPO_ROOT)}` filled in."
+            return self.form_updates(demo, note, keep=("output__name", "extra_keys"))
+        updates = [gr.update() for _ in F.SPECIAL + F.GENERIC_KEYS]
         if kind == F.MODEL_KINDS[0]:
-            return gr.update(value=F.DEMO_MODEL, interactive=False), source or self.demo_data() or ""
-        return gr.update(value="" if name == F.DEMO_MODEL else name, interactive=True), source
+            updates[1] = gr.update(value=F.DEMO_MODEL, interactive=False)
+            updates[2] = source or self.demo_data() or ""
+            return updates + [gr.update(), ""]
+        updates[1] = gr.update(value="" if name == F.DEMO_MODEL else name, interactive=True)
+        return updates + [None if base == demo else gr.update(), ""]
 
     def upload_data(self, path: str | None) -> str:
         """Keep an uploaded data file under <runs_dir>/.uploads (gradio's temp copy may be cleaned up)."""
@@ -126,7 +170,8 @@ class Handlers:
 
     # ------------------------------------------------------------------ New run: check and start
     def check(self, base: dict | None = None, **values):
-        """(message, recipe YAML, command, memory plan) for the form; problems name their recipe key."""
+        """(message, recipe YAML, command, memory plan) for the form: the checks Start makes (recipe,
+        data as training reads it, model available here); problems name their recipe key."""
         try:
             recipe, problems = F.build_recipe(values, base, self.runs_dir)
             if recipe is None:
@@ -135,7 +180,11 @@ class Handlers:
             run = RunFolder(self.runs_dir / recipe.output.name)
             if run.path.exists() and any(run.path.iterdir()):
                 problems.append(f"output.name: a run named '{run.name}' already exists: pick another name")
-            yaml_text, cmd, plan = F.recipe_yaml(recipe), shell_command(run), F.plan_text(recipe)
+            yaml_text, cmd = F.recipe_yaml(recipe), shell_command(run)
+            if F.model_problem("model.name", recipe.model.name, recipe.model.revision):
+                plan = "(no memory plan: it reads the model's config.json, which is not on this machine)"
+            else:
+                plan = F.plan_text(recipe)
             if problems:
                 return F.problems_markdown(problems), yaml_text, cmd, plan
             return f"Recipe OK: run **{run.name}** would train in `{run.path}`.", yaml_text, cmd, plan
@@ -144,39 +193,42 @@ class Handlers:
 
     def start(self, base: dict | None = None, **values):
         """Check, then queue the run (it starts at once when no other training is running)."""
-        message, yaml_text, cmd, plan = self.check(base, **values)
-        if not message.startswith("Recipe OK"):
-            return message, yaml_text, cmd, plan
-        recipe, _ = F.build_recipe(values, base, self.runs_dir)
-        try:
-            run = self.jobs.submit(yaml_text, recipe.output.name)
-        except JobError as e:
-            return F.problems_markdown([str(e)]), yaml_text, cmd, plan
+        key = json.dumps({"base": base, **values}, sort_keys=True, default=str)
+        with self._start_lock:
+            if key in self._started:
+                name, yaml_text, cmd, plan = self._started[key]
+                if self._waiting(name):
+                    return _started_message(self.run(name)), yaml_text, cmd, plan
+            message, yaml_text, cmd, plan = self.check(base, **values)
+            if not message.startswith("Recipe OK"):
+                return message, yaml_text, cmd, plan
+            recipe, _ = F.build_recipe(values, base, self.runs_dir)
+            try:
+                run = self.jobs.submit(yaml_text, recipe.output.name)
+            except JobError as e:
+                return F.problems_markdown([str(e)]), yaml_text, cmd, plan
+            self._started = {k: v for k, v in self._started.items() if self._waiting(v[0])}
+            self._started[key] = (run.name, yaml_text, cmd, plan)
         self.jobs.tick()  # start it now if nothing else is running
-        state = run.read_status().get("state")
-        where = "started" if state == "running" else "queued: it starts when the running training ends"
-        return f"Run **{run.name}** {where}. Follow it in the Runs tab.", yaml_text, cmd, plan
+        return _started_message(run), yaml_text, cmd, plan
+
+    def _waiting(self, name: str) -> bool:
+        run = self.run(name)
+        return run is not None and run.read_status().get("state") in ("queued", "running")
 
     def load_recipe(self, path: str | None):
-        """Fill the form from a recipe YAML (file upload or path); returns every form value + base + message."""
-        outputs = F.SPECIAL + [F.param(k) for k in F.GENERIC_KEYS]
+        """Fill the form from a recipe YAML path on this machine; every form value + base + message."""
+        return self._load_recipe(path, uploaded=False)
+
+    def load_recipe_file(self, path: str | None):
+        """Fill the form from an uploaded recipe YAML (its relative paths: see form.read_recipe_file)."""
+        return self._load_recipe(path, uploaded=True)
+
+    def _load_recipe(self, path: str | None, uploaded: bool):
         if not path:
-            return [gr.update() for _ in outputs] + [gr.update(), "Give a recipe file first."]
-        raw, note = F.read_recipe_file(path)
-        if raw is None:
-            return [gr.update() for _ in outputs] + [gr.update(), note]
-        values = F.form_values(raw, path)
-        updates = [values[p] for p in outputs]
-        updates[1] = gr.update(
-            value=values["model_name"], interactive=values["model_kind"] != F.MODEL_KINDS[0]
-        )
-        for i, p in enumerate(outputs):  # column dropdowns: allow the loaded names before any preview
-            if p in ("data__prompt_column", "data__demonstration_column", "data__answer_column"):
-                updates[i] = gr.update(
-                    choices=sorted({values[p], F.NO_COLUMN} if p.endswith("answer_column") else {values[p]}),
-                    value=values[p],
-                )
-        return updates + [raw, note]
+            return self.form_updates(None, "Give a recipe file first.")
+        raw, note = F.read_recipe_file(path, uploaded)
+        return self.form_updates(raw, note, file_name=path)
 
     # ------------------------------------------------------------------ Runs
     def runs_table(self) -> pd.DataFrame:
@@ -205,7 +257,7 @@ class Handlers:
         return row[0] if row else gr.update()
 
     def run_view(self, name: str | None):
-        """progress, error, 4 curves, eval curve, samples, log tail, status.json of one run."""
+        """progress, error, 4 curves, eval curve, eval note, samples, log tail, status.json of one run."""
         run = self.run(name)
         if run is None:
             return (
@@ -213,6 +265,7 @@ class Handlers:
                 "",
                 *[gr.update(value=None, caption=None)] * len(V.CURVES),
                 gr.update(value=None, visible=False),
+                "",
                 pd.DataFrame(columns=V.SAMPLE_COLUMNS),
                 "",
                 {},
@@ -225,6 +278,7 @@ class Handlers:
             V.error_markdown(run),
             *curves,
             gr.update(**_plot_update(evals, run.name), visible=not evals.empty),
+            V.eval_note(run, evals),
             V.samples_frame(run),
             V.log_tail(run),
             run.read_status(),
@@ -240,10 +294,59 @@ class Handlers:
             return f"**Cannot stop:** {e}"
 
     def cancel(self, name: str) -> str:
+        """End a training now (no adapter saved). The page asks first (`ask`); the API call is explicit."""
         try:
             return self.jobs.cancel(name)
         except JobError as e:
             return f"**Cannot cancel:** {e}"
+
+    def delete(self, name: str, confirm: bool = False) -> str:
+        """Delete a run that ended (failed, stopped, cancelled), only with confirm=True (the page asks
+        first): nothing is deleted unless the user said so."""
+        if not confirm:
+            return f"**Not deleted:** deleting {name} needs confirm=True"
+        try:
+            return self.jobs.delete(name)
+        except JobError as e:
+            return f"**Cannot delete:** {e}"
+
+    def ask(self, action: str, name: str | None):
+        """Cancel and Delete ask first: (confirmation row, its question, its yes-button, pending action,
+        message). A run that the action does not apply to gets the reason at once, no question."""
+        run = self.run(name)
+        state = run.read_status().get("state") if run else None
+        allowed, rule = {
+            "cancel": (("queued", "running"), "only a queued or running run can be cancelled"),
+            "delete": (ENDED, "only a failed, stopped or cancelled run can be deleted"),
+        }[action]
+        hidden = gr.update(visible=False), "", gr.update(), None
+        if run is None:
+            return *hidden, "Pick a run first."
+        if state not in allowed:
+            return *hidden, f"**Cannot {action}:** {name} is {state}: {rule}"
+        if action == "cancel":
+            question = (
+                f"**Cancel {name} now?** The process is ended at once and no adapter is saved "
+                "(*Stop and save* keeps the adapter)."
+            )
+            yes = f"Yes, cancel {name}"
+        else:
+            question = f"**Delete {name}?** Its folder `{run.path}` and all in it are removed for good."
+            yes = f"Yes, delete {name}"
+        return gr.update(visible=True), question, gr.update(value=yes), (action, name), ""
+
+    def confirm(self, pending: tuple | list | None):
+        """The confirmed action: (confirmation row hidden, pending cleared, message, selected run)."""
+        hide = gr.update(visible=False)
+        if not pending:
+            return hide, None, "", gr.update()
+        action, name = pending
+        if action == "cancel":
+            return hide, None, self.cancel(name), gr.update()
+        message = self.delete(name, confirm=True)
+        deleted = not message.startswith("**")
+        selected = gr.update(choices=self.run_names(), value=None) if deleted else gr.update()
+        return hide, None, message, selected
 
     def resume(self, name: str) -> str:
         try:
@@ -253,6 +356,10 @@ class Handlers:
         self.jobs.tick()
         ckpt = run.last_checkpoint()
         return f"{name} queued to resume from {ckpt.name if ckpt else 'step 0 (no checkpoint)'}"
+
+    @staticmethod
+    def dismiss():
+        return gr.update(visible=False), None, "nothing done"
 
     # ------------------------------------------------------------------ Compare, Try, Export
     def compare(self, names: list[str] | None, metric: str):
@@ -281,7 +388,7 @@ class Handlers:
             return "", "", f"**Cannot try:** {e}"
         except Exception as e:
             return "", "", _failed(e)
-        return base, tuned, ""
+        return base, tuned, f"Adapter used: {V.adapter_description(run)}."
 
     def export_adapter(self, name: str):
         from .tryout import TryError, adapter_zip
@@ -290,10 +397,13 @@ class Handlers:
         if run is None:
             return None, "Pick a run with a saved adapter."
         try:
-            path = adapter_zip(run)
+            path, base_model, note = adapter_zip(run)
         except TryError as e:
             return None, f"**Cannot export:** {e}"
-        return str(path), f"adapter of **{run.name}** ({path.stat().st_size / 1024:.0f} KiB zip)"
+        size = path.stat().st_size / 1024
+        message = f"adapter of **{run.name}** ({size:.0f} KiB zip; {V.adapter_description(run)})"
+        message += f", base model `{base_model}`"
+        return str(path), message + (f". {note}" if note else "")
 
     def export_merged(self, name: str):
         from .tryout import TryError, merged_model

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from .views import CONSOLE_LOG, is_run_name, queued_order
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 10.0  # SIGTERM first; SIGKILL if the process has not exited by then
+STARTING = "starting"  # stage of a queued run whose process the app has started
+ENDED = ("failed", "stopped", "interrupted")  # runs that can be resumed or deleted
 
 
 class JobError(Exception):
@@ -162,8 +165,8 @@ class Jobs:
             runs = list_runs(self.runs_dir)
             running = 0
             for run in runs:
-                status = run.read_status()
-                if status.get("state") != "running":
+                status = run.read_status(raw=True)  # raw: a dead process still reads `running` here
+                if status.get("state") not in ("running", "queued") or not _launched(status):
                     continue
                 if run.name in self.procs or pid_alive(status.get("pid")):
                     running += 1
@@ -190,13 +193,14 @@ class Jobs:
                 start_new_session=True,
             )
         self.procs[run.name] = proc
-        # Until the trainer writes its own status, show it as running under this pid.
-        run.write_status(state="running", pid=proc.pid, stage="starting", error=None, hint=None)
+        # Until the trainer writes its own status: still `queued` (the trainer refuses to start a run
+        # that reads `running` under a live pid), stage `starting`, under the child's pid.
+        run.write_status(state="queued", pid=proc.pid, stage=STARTING, error=None, hint=None)
 
     def _finish(self, run: RunFolder, returncode: int | None) -> None:
         """A process ended: if it did not record a final state, record why it ended."""
-        status = run.read_status()
-        if status.get("state") in FINAL_STATES or status.get("state") == "queued":
+        status = run.read_status(raw=True)
+        if status.get("state") in FINAL_STATES or not _launched(status):
             return
         if returncode is None:
             error = (
@@ -228,8 +232,10 @@ class Jobs:
         run = self._run(name)
         with self._lock:
             state = run.read_status().get("state")
-            if state not in ("failed", "stopped"):
-                raise JobError(f"run {name} is {state}: only failed or stopped runs can be resumed")
+            if state not in ENDED:
+                raise JobError(
+                    f"run {name} is {state}: only failed, stopped or interrupted runs can be resumed"
+                )
             if not run.recipe.exists():
                 raise JobError(f"run {name} has no recipe.yaml to resume from")
             if run.last_checkpoint() is None:
@@ -239,13 +245,27 @@ class Jobs:
             _write_queued(run, fresh=False)
         return run
 
+    def delete(self, name: str) -> str:
+        """Remove a failed or stopped (cancelled included) run's folder. The app asks the user first."""
+        run = self._run(name)
+        with self._lock:
+            status = run.read_status()
+            state = status.get("state")
+            if state not in ENDED or name in self.procs or pid_alive(status.get("pid")):
+                raise JobError(
+                    f"run {name} is {state}: only a failed, stopped or cancelled run can be deleted"
+                )
+            shutil.rmtree(run.path)
+        return f"{name} deleted"
+
     def stop(self, name: str) -> str:
         """Graceful: the trainer stops after its current step and saves the adapter (the STOP file)."""
         run = self._run(name)
-        state = run.read_status().get("state")
-        if state == "queued":
+        status = run.read_status()
+        state = status.get("state")
+        if state == "queued" and not _launched(status):
             return self.cancel(name)
-        if state != "running":
+        if state not in ("running", "queued"):
             raise JobError(f"run {name} is not running (state: {state})")
         run.request_stop()
         return f"stop requested: {name} will save its adapter and stop after the current step"
@@ -256,7 +276,7 @@ class Jobs:
         with self._lock:
             status = run.read_status()
             state, step = status.get("state"), status.get("step") or 0
-            if state == "queued":
+            if state == "queued" and not _launched(status):
                 run.write_status(
                     state="stopped",
                     stage=None,
@@ -264,7 +284,7 @@ class Jobs:
                     hint="start it again with Resume",
                 )
                 return f"{name} removed from the queue"
-            if state != "running":
+            if state not in ("running", "queued"):
                 raise JobError(f"run {name} is not running (state: {state})")
             proc = self.procs.pop(name, None)
             self._terminate(proc, status.get("pid"))
@@ -306,6 +326,11 @@ class Jobs:
         return run
 
 
+def _launched(status: dict) -> bool:
+    """The run has a process: `running`, or `queued` with the app's child still starting."""
+    return status.get("state") == "running" or status.get("stage") == STARTING
+
+
 def _write_queued(run: RunFolder, fresh: bool) -> None:
     status = {} if fresh else run.read_status()
     # queued_time (epoch seconds) orders the queue; queued_at (second resolution) is for people.
@@ -320,7 +345,7 @@ def _write_queued(run: RunFolder, fresh: bool) -> None:
         updated_at=now_iso(),
     )
     if fresh:
-        status.update(step=0, total_steps=None)
+        status.update(step=0, total_steps=None, created_time=time.time())
     # Written directly, not with RunFolder.write_status: `started_at` is set when training starts.
     atomic_write_json(run.status_file, status)
 

@@ -15,7 +15,10 @@ from .form import (
     NO_COLUMN,
     SECTIONS,
     default,
+    demo_recipe,
+    form_values,
     help_text,
+    param,
     widget_kind,
 )
 from .handlers import Handlers, form_handler
@@ -29,10 +32,10 @@ CSS = """
 THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def _field(key: str):
-    """A widget for one recipe key: type, choices, default and help text all from the schema."""
+def _field(key: str, value):
+    """A widget for one recipe key: type, choices and help text from the schema, starting at `value`."""
     kind, choices, optional = widget_kind(key)
-    label, value, info = key, default(key), help_text(key)
+    label, info = key, help_text(key)
     if kind == "dropdown":
         return gr.Dropdown(choices=choices, value=value, label=label, info=info)
     if kind == "checkbox":
@@ -99,7 +102,12 @@ def build_app(h: Handlers) -> gr.Blocks:
 
 
 def _new_run_tab(h: Handlers):
-    base = gr.State(None)  # the loaded recipe's raw mapping: keys the form does not show are kept
+    # The form opens on the built-in demo model with the quickstart recipe's settings (the schema's
+    # defaults suit real models, not the demo); `base` holds the loaded recipe's raw mapping, so keys
+    # the form does not show (eval sets, probes) are kept.
+    demo = demo_recipe()
+    initial = form_values(demo) if demo else {}
+    base = gr.State(demo)
     with gr.Accordion("Load an existing recipe YAML into the form", open=False):
         with gr.Row():
             recipe_file = gr.File(
@@ -128,7 +136,10 @@ def _new_run_tab(h: Handlers):
             )
             with gr.Row():
                 data_source = gr.Textbox(
-                    value=h.demo_data() or "", label="data.source", info=help_text("data.source"), scale=3
+                    value=initial.get("data_source") or h.demo_data() or "",
+                    label="data.source",
+                    info=help_text("data.source"),
+                    scale=3,
                 )
                 split = gr.Textbox(value="train", label="data.split", info=help_text("data.split"), scale=1)
     preview_btn = gr.Button("Preview data", size="sm")
@@ -136,22 +147,22 @@ def _new_run_tab(h: Handlers):
     data_preview = gr.Dataframe(label="first rows", interactive=False, wrap=True, max_height=260)
     with gr.Row():
         prompt_col = gr.Dropdown(
-            [default("data.prompt_column")],
-            value=default("data.prompt_column"),
+            [initial.get("data__prompt_column", default("data.prompt_column"))],
+            value=initial.get("data__prompt_column", default("data.prompt_column")),
             label="data.prompt_column",
             info=help_text("data.prompt_column"),
             allow_custom_value=True,
         )
         demo_col = gr.Dropdown(
-            [default("data.demonstration_column")],
-            value=default("data.demonstration_column"),
+            [initial.get("data__demonstration_column", default("data.demonstration_column"))],
+            value=initial.get("data__demonstration_column", default("data.demonstration_column")),
             label="data.demonstration_column",
             info=help_text("data.demonstration_column"),
             allow_custom_value=True,
         )
         answer_col = gr.Dropdown(
-            [NO_COLUMN],
-            value=NO_COLUMN,
+            sorted({NO_COLUMN, initial.get("data__answer_column", NO_COLUMN)}),
+            value=initial.get("data__answer_column", NO_COLUMN),
             label="data.answer_column",
             info=help_text("data.answer_column"),
             allow_custom_value=True,
@@ -168,7 +179,7 @@ def _new_run_tab(h: Handlers):
             for i in range(0, len(keys), 3):
                 with gr.Row():
                     for key in keys[i : i + 3]:
-                        generic[key] = _field(key)
+                        generic[key] = _field(key, initial.get(param(key), default(key)))
     with gr.Row():
         run_name = gr.Textbox(
             "", label="output.name", info="Run folder name. Empty = method-teacher-date-time.", scale=2
@@ -196,7 +207,7 @@ def _new_run_tab(h: Handlers):
                 wrap_lines=True,
             )
             plan = gr.Code(
-                label="GPU memory plan (sdft-lite plan)",
+                label="memory plan on this machine's device (sdft-lite plan)",
                 interactive=False,
                 lines=12,
                 max_lines=30,
@@ -209,10 +220,12 @@ def _new_run_tab(h: Handlers):
     columns = [data_preview, prompt_col, demo_col, answer_col, data_msg]
     preview_inputs = [data_source, split, prompt_col, demo_col, answer_col]
 
-    model_kind.change(
+    form_outputs = [form[p] for p in FORM_PARAMS] + [base, message]
+    # .input, not .change: loading a recipe sets the radio too, and must not be overwritten by the demo's.
+    model_kind.input(
         h.model_kind_changed,
-        inputs=[model_kind, model_name, data_source],
-        outputs=[model_name, data_source],
+        inputs=[model_kind, model_name, data_source, base],
+        outputs=form_outputs,
         api_visibility="private",
     )
     data_file.upload(h.upload_data, inputs=[data_file], outputs=[data_source], api_name="upload_data").then(
@@ -229,10 +242,16 @@ def _new_run_tab(h: Handlers):
     )
     outputs = [message, yaml_box, command, plan]
     check_btn.click(form_handler(h.check), inputs_kwargs=with_base, outputs=outputs, api_name="check")
-    start_btn.click(form_handler(h.start), inputs_kwargs=with_base, outputs=outputs, api_name="start")
+    # Disabled while it works (a double click must not submit twice; Start is idempotent as well).
+    start_btn.click(
+        lambda: gr.update(interactive=False), outputs=[start_btn], api_visibility="private", queue=False
+    ).then(form_handler(h.start), inputs_kwargs=with_base, outputs=outputs, api_name="start").then(
+        lambda: gr.update(interactive=True), outputs=[start_btn], api_visibility="private", queue=False
+    )
 
-    form_outputs = [form[p] for p in FORM_PARAMS] + [base, message]
-    recipe_file.upload(h.load_recipe, inputs=[recipe_file], outputs=form_outputs, api_name="load_recipe_file")
+    recipe_file.upload(
+        h.load_recipe_file, inputs=[recipe_file], outputs=form_outputs, api_name="load_recipe_file"
+    )
     load_btn.click(h.load_recipe, inputs=[recipe_path], outputs=form_outputs, api_name="load_recipe")
 
 
@@ -254,7 +273,14 @@ def _runs_tab(h: Handlers):
         stop_btn = gr.Button("Stop and save", scale=1)
         cancel_btn = gr.Button("Cancel", variant="stop", scale=1)
         resume_btn = gr.Button("Resume", scale=1)
-    action_msg = gr.Markdown()
+        delete_btn = gr.Button("Delete", scale=1)
+    # Cancel and Delete lose work: they ask here first, naming the run.
+    pending = gr.State(None)  # (action, run name) waiting for its "yes"
+    with gr.Row(visible=False, elem_id="confirm-row") as confirm_row:
+        question = gr.Markdown(scale=3)
+        yes_btn = gr.Button("Yes", variant="stop", scale=1)
+        no_btn = gr.Button("No, keep it", scale=1)
+    action_msg = gr.Markdown(elem_id="run-action-message")
     progress = gr.HTML(elem_id="run-progress")
     error = gr.Markdown(elem_id="run-error")
     with gr.Row():
@@ -264,6 +290,7 @@ def _runs_tab(h: Handlers):
     eval_plot = _plot(
         "eval accuracy (new_task = new skill, others = retention)", "plot-eval", "accuracy", color="series"
     )
+    eval_note = gr.Markdown(elem_id="run-eval-note")
     samples = gr.Dataframe(
         label="latest samples (student completion vs demonstration)",
         interactive=False,
@@ -275,7 +302,7 @@ def _runs_tab(h: Handlers):
     )
     with gr.Accordion("status.json", open=False):
         status = gr.JSON()
-    view = [progress, error, *plots, eval_plot, samples, log, status]
+    view = [progress, error, *plots, eval_plot, eval_note, samples, log, status]
 
     timer = gr.Timer(REFRESH_S)
     timer.tick(
@@ -290,8 +317,28 @@ def _runs_tab(h: Handlers):
     run_dd.change(h.run_view, inputs=[run_dd], outputs=view, api_name="run_view", show_progress="hidden")
     gr.Button("Refresh", size="sm").click(h.runs_table, outputs=[table], api_name="runs")
     stop_btn.click(h.stop, inputs=[run_dd], outputs=[action_msg], api_name="stop")
-    cancel_btn.click(h.cancel, inputs=[run_dd], outputs=[action_msg], api_name="cancel")
     resume_btn.click(h.resume, inputs=[run_dd], outputs=[action_msg], api_name="resume")
+    asked = [confirm_row, question, yes_btn, pending, action_msg]
+    for btn, action in ((cancel_btn, "cancel"), (delete_btn, "delete")):
+        btn.click(
+            lambda name, action=action: h.ask(action, name),
+            inputs=[run_dd],
+            outputs=asked,
+            api_visibility="private",
+        )
+    yes_btn.click(
+        h.confirm,
+        inputs=[pending],
+        outputs=[confirm_row, pending, action_msg, run_dd],
+        api_visibility="private",
+    )
+    no_btn.click(h.dismiss, outputs=[confirm_row, pending, action_msg], api_visibility="private")
+    # A question is about the run it names: another selection withdraws it.
+    run_dd.change(
+        lambda: (gr.update(visible=False), None), outputs=[confirm_row, pending], api_visibility="private"
+    )
+    gr.api(h.cancel, api_name="cancel")  # API clients confirm by calling
+    gr.api(h.delete, api_name="delete")
     return run_dd
 
 
@@ -315,8 +362,12 @@ def _compare_tab(h: Handlers):
     )
     table = gr.Markdown()
     btn = gr.Button("Compare", variant="primary")
-    btn.click(h.compare, inputs=[runs, metric], outputs=[plot, table], api_name="compare")
-    metric.change(h.compare, inputs=[runs, metric], outputs=[plot, table], api_visibility="private")
+    # The browser keeps a plot's series (its colour domain) from the first value it drew and only swaps
+    # the data after that: clear the plot first, so each comparison draws the runs it names.
+    clear = dict(fn=lambda: gr.update(value=None), outputs=[plot], api_visibility="private", queue=False)
+    compare = dict(fn=h.compare, inputs=[runs, metric], outputs=[plot, table])
+    btn.click(**clear).then(**compare, api_name="compare")
+    metric.change(**clear).then(**compare, api_visibility="private")
     return runs
 
 

@@ -8,6 +8,7 @@ disabled, so trying a run costs one copy of the base weights, not two.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -95,10 +96,39 @@ def _export_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="sdft-lite-export-"))
 
 
-def adapter_zip(run: RunFolder) -> Path:
+def base_model_label(run: RunFolder) -> tuple[str, str]:
+    """(the name an exported adapter gives its base model, a note): the recipe's Hub id or
+    `sdft-lite/demo`, or a local folder's name (never this machine's absolute path)."""
+    name = str(read_recipe(run).get("model", {}).get("name") or "")
+    path = Path(name).expanduser()
+    if name and not path.is_absolute() and not name.startswith((".", "~")):
+        return name, ""
+    label = path.name or "base-model"
+    return label, (
+        f"The base model was a local folder: the adapter names it '{label}'; set "
+        "base_model_name_or_path in adapter_config.json to where that model is on the machine that loads it"
+    )
+
+
+def adapter_zip(run: RunFolder) -> tuple[Path, str, str]:
+    """(zip of the adapter folder, the base model name written into it, a note). The saved
+    adapter_config.json names the path the model was loaded from (the demo model's or a local folder's
+    absolute path on this machine): the exported copy names the recipe's model instead."""
     _adapter_stamp(run)
-    base = _export_dir() / f"{run.name}-adapter"
-    return Path(shutil.make_archive(str(base), "zip", root_dir=run.adapter))
+    base_model, note = base_model_label(run)
+    out = _export_dir()
+    folder = out / "adapter"
+    shutil.copytree(run.adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    local = config.get("base_model_name_or_path")
+    config["base_model_name_or_path"] = base_model
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    card = folder / "README.md"  # PEFT's model card repeats the path as `base_model:`
+    if local and card.exists():
+        card.write_text(card.read_text(encoding="utf-8").replace(local, base_model), encoding="utf-8")
+    archive = shutil.make_archive(str(out / f"{run.name}-adapter"), "zip", root_dir=folder)
+    shutil.rmtree(folder)
+    return Path(archive), base_model, note
 
 
 def merged_model(run: RunFolder) -> tuple[Path, Path]:

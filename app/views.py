@@ -7,6 +7,7 @@ frames, strings, HTML) for one component. Nothing here writes.
 from __future__ import annotations
 
 import html
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -108,7 +109,9 @@ def run_row(run: RunFolder, queue_position: int | None = None) -> dict:
     status, recipe = run.read_status(), read_recipe(run)
     step, total = progress(status)
     state = status.get("state", "?")
-    if state == "queued":
+    if _starting(status):
+        prog = "starting"
+    elif state == "queued":
         prog = f"queued #{queue_position}" if queue_position else "queued"
     else:
         prog = f"{step}/{total} ({100 * step // total}%)" if total else f"{step}/?"
@@ -127,19 +130,35 @@ def run_row(run: RunFolder, queue_position: int | None = None) -> dict:
     }
 
 
+def _starting(status: dict) -> bool:
+    return status.get("state") == "queued" and status.get("stage") == "starting"
+
+
 def queued_order(runs: list[RunFolder]) -> list[RunFolder]:
     """Queued runs, oldest submission first: the order the queue starts them in."""
-    queued = [r for r in runs if r.read_status().get("state") == "queued"]
+    queued = [r for r in runs if r.read_status().get("state") == "queued" and not _starting(r.read_status())]
     return sorted(queued, key=lambda r: (r.read_status().get("queued_time") or 0.0, r.name))
 
 
+def created(status: dict) -> float:
+    """When a run was made: the app's submission time, else (a CLI run) its start. Neither changes
+    later (a resume re-queues but keeps both), so an order by it stays put while runs progress."""
+    made = status.get("created_time") or parse_time(status.get("started_at")) or status.get("queued_time")
+    return made or 0.0
+
+
+def ordered_runs(runs_dir: str | Path) -> list[RunFolder]:
+    """Runs newest first, by `created`, in an order that does not move as runs start and end."""
+    runs = [(r, r.read_status()) for r in list_runs(runs_dir)]
+    runs.sort(key=lambda rs: rs[0].name)
+    runs.sort(key=lambda rs: created(rs[1]), reverse=True)
+    return [r for r, _ in runs]
+
+
 def runs_table(runs_dir: str | Path) -> pd.DataFrame:
-    runs = list_runs(runs_dir)
+    runs = ordered_runs(runs_dir)
     order = {r.name: i + 1 for i, r in enumerate(queued_order(runs))}
-    rows = [run_row(r, order.get(r.name)) for r in runs]
-    # Queued runs first (in queue order), then the rest newest first (list_runs' order).
-    rows.sort(key=lambda row: (row["state"] != "queued", order.get(row["name"], 0)))
-    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+    return pd.DataFrame([run_row(r, order.get(r.name)) for r in runs], columns=RUN_COLUMNS)
 
 
 # --------------------------------------------------------------------------- one run
@@ -232,12 +251,54 @@ def log_tail(run: RunFolder, n: int = LOG_LINES) -> str:
     return log
 
 
+# status.json's hint is written by the CLI, for the command line; the app shows its own actions.
+APP_HINTS = [
+    (r"\(?add --overwrite to reuse the run name\)?", "(or Delete this run to reuse its name)"),
+    (r"then run again", "then start it again from the New run tab"),
+    (r"\s*(?:with)?:?\s*`?sdft-lite train [^\s`]+ --resume`?", " with the Resume button"),
+    (r"`?sdft-lite stop [^\s`]+(?: --runs-dir [^\s`]+)?`?", "Stop and save"),
+    (r"see train\.log in the run folder", "see the log tail below"),
+    (r"--overwrite", "Delete (then start again)"),
+    (r"--resume", "Resume"),
+]
+
+
+def app_hint(hint: str) -> str:
+    for pattern, action in APP_HINTS:
+        hint = re.sub(pattern, action, hint)
+    return hint
+
+
 def error_markdown(run: RunFolder) -> str:
     status = run.read_status()
     if not status.get("error"):
         return ""
-    hint = f"\n\n**What to do:** {status['hint']}" if status.get("hint") else ""
+    hint = f"\n\n**What to do:** {app_hint(status['hint'])}" if status.get("hint") else ""
     return f"**{status.get('state', 'error')}:** {status['error']}{hint}"
+
+
+def eval_note(run: RunFolder, evals: pd.DataFrame) -> str:
+    """Says why there is no accuracy curve: the run has no eval set, or has not evaluated yet."""
+    if not evals.empty:
+        return ""
+    recipe = read_recipe(run)
+    data, ev = recipe.get("data") or {}, recipe.get("eval") or {}
+    if not (data.get("eval_source") or (data.get("eval_fraction") or 0) > 0 or ev.get("probes")):
+        return (
+            "**No eval set:** this run measures no accuracy. To see the new skill and retention, set "
+            "data.eval_source or data.eval_fraction, and eval.probes (extra keys in the New run tab)."
+        )
+    return "**Accuracy:** no evaluation recorded yet."
+
+
+def adapter_description(run: RunFolder) -> str:
+    """Which adapter Try and Export use: the run's final adapter/ (a checkpoint is not an adapter)."""
+    status = run.read_status()
+    state, step = status.get("state"), status.get("step")
+    when = {"completed": "when the run completed", "stopped": "when the run was stopped"}.get(
+        state, "at the run's last stop"
+    )
+    return f"the final adapter (`{run.name}/adapter`, saved {when}, step {step})"
 
 
 def is_run_name(name: str | None) -> bool:
@@ -248,7 +309,7 @@ def is_run_name(name: str | None) -> bool:
 def run_choices(runs_dir: str | Path, with_adapter: bool = False) -> list[str]:
     return [
         r.name
-        for r in list_runs(runs_dir)
+        for r in ordered_runs(runs_dir)
         if not with_adapter or (r.adapter / "adapter_config.json").exists()
     ]
 

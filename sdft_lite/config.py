@@ -377,6 +377,11 @@ def cross_field_problems(r: Recipe) -> list[str]:
         )
     if r.method.name == "sdpo":
         p.append("method.name 'sdpo' is not available yet in this version: use sdft or sft")
+    if r.data.prompt_column == r.data.demonstration_column:
+        p.append(
+            f"data.prompt_column and data.demonstration_column are both '{r.data.prompt_column}': the "
+            "demonstration must be its own column"
+        )
     if r.data.eval_source and r.data.eval_fraction > 0:
         p.append("data.eval_source and data.eval_fraction are both set: use one of them")
     if r.data.max_teacher_prompt_tokens < r.data.max_prompt_tokens:

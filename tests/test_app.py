@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -176,10 +177,11 @@ def fields(tiny_model_dir, tmp_path_factory) -> dict:
 def view(client, name: str) -> SimpleNamespace:
     """The Runs tab's outputs for one run, by name."""
     out = client.predict(name=name, api_name="/run_view")
-    progress, error, loss, kl, length, tps, evals, samples, log, status = out
+    progress, error, loss, kl, length, tps, evals, eval_note, samples, log, status = out
     return SimpleNamespace(
         progress=progress,
         error=error,
+        eval_note=eval_note,
         loss=loss,
         kl=kl,
         length=length,
@@ -243,8 +245,8 @@ def test_form_fields_come_from_the_schema(tiny_model_dir, tmp_path):
 
 
 def test_queue_order_dead_runs_and_cancel_without_processes(tmp_path):
-    from app.jobs import Jobs
-    from app.views import queued_order
+    from app.jobs import JobError, Jobs
+    from app.views import ordered_runs, queued_order
     from sdft_lite.runs import RunFolder
 
     jobs = Jobs(tmp_path / "runs")
@@ -264,7 +266,90 @@ def test_queue_order_dead_runs_and_cancel_without_processes(tmp_path):
     assert first.read_status()["state"] == "queued"  # not started: this instance does not schedule
     assert jobs.cancel("second") == "second removed from the queue"
     assert second.read_status()["state"] == "stopped"
+    # Delete (the page asks first): only runs that ended, never a queued or running one.
+    with pytest.raises(JobError, match="only a failed, stopped or cancelled run"):
+        jobs.delete("first")
+    assert jobs.delete("crashed") == "crashed deleted" and not crashed.path.exists()
     assert "queued" in jobs.resume("second").read_status()["state"]
+    # The runs table keeps its order (newest made first) when a queued run starts.
+    first.write_status(state="running", pid=os.getpid())
+    assert [r.name for r in ordered_runs(tmp_path / "runs")] == ["second", "first"]
+
+
+def test_recipe_paths_resolve_as_the_cli_does(tmp_path, monkeypatch):
+    """An uploaded copy of a shipped recipe (alone in a temp folder) and the path box's example typed
+    in an app started outside the repository both find the recipe's data, eval and probe files."""
+    from app import form
+    from sdft_lite.config import load_recipe
+
+    cli = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    upload = tmp_path / "upload" / "quickstart.yaml"
+    upload.parent.mkdir()
+    shutil.copyfile(ROOT / "recipes" / "quickstart.yaml", upload)
+    monkeypatch.chdir(tmp_path)
+    for raw, note in (
+        form.read_recipe_file(upload, uploaded=True),
+        form.read_recipe_file("recipes/quickstart.yaml"),
+    ):
+        assert note == "loaded quickstart.yaml", note
+        assert raw["data"]["source"] == cli.data.source and raw["data"]["eval_source"] == cli.data.eval_source
+        assert [p["source"] for p in raw["eval"]["probes"]] == [p.source for p in cli.eval.probes]
+    _, note = form.read_recipe_file(upload)  # not marked as an upload: its own folder, then the cwd
+    assert "data.source: file or folder not found: data/demo/train.jsonl" in note
+
+
+def test_hints_name_app_actions_not_cli_options(tmp_path):
+    """status.json's hint is the CLI's; the Runs tab shows what to press in the app instead."""
+    from app.views import app_hint, error_markdown
+    from sdft_lite.config import RecipeError
+    from sdft_lite.errors import describe_failure
+    from sdft_lite.runs import RunFolder
+
+    hints = [describe_failure(e)[1] for e in (RecipeError(["x"]), KeyboardInterrupt(), RuntimeError("y"))]
+    run = RunFolder(tmp_path / "gone")
+    run.path.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.write_status(state="running", pid=dead.pid)
+    hints.append(run.read_status().get("hint"))  # a run whose process is gone, as readers see it
+    for hint in filter(None, hints):
+        shown = app_hint(hint)
+        assert "--" not in shown and "sdft-lite " not in shown, shown
+        assert "train.log in the run folder" not in shown, shown
+    assert "Delete this run" in app_hint(hints[0]) and "Resume" in app_hint(hints[1])
+    run.write_status(state="failed", error="bad data", hint=hints[0])
+    assert "--overwrite" not in error_markdown(run) and "Delete" in error_markdown(run)
+
+
+def test_start_twice_is_one_run_and_export_names_the_model(tmp_path, tiny_model_dir):
+    """Start is idempotent (a double click); an exported adapter names its base model, not a path."""
+    from app import form
+    from app.handlers import Handlers
+    from app.jobs import Jobs
+    from app.tryout import base_model_label
+    from sdft_lite.runs import RunFolder
+
+    jobs = Jobs(tmp_path / "runs")
+    jobs.scheduling = False  # nothing starts: the second click finds the first one's queued run
+    h = Handlers(jobs)
+    fields = model_fields(tiny_model_dir, reverse_data(tmp_path / "train.jsonl"))
+    first, second = h.start(**fields)[0], h.start(**fields)[0]
+    assert "queued" in first and second == first, (first, second)
+    assert len([p for p in jobs.runs_dir.iterdir() if p.is_dir()]) == 1
+    assert "already exists" in h.check(**fields, output__name=first.split("**")[1])[0]
+
+    # The form starts on the demo's quickstart recipe; another model does not inherit its eval sets.
+    demo = form.demo_recipe()
+    hub = {**fields, "model_kind": form.MODEL_KINDS[1], "model_name": str(tiny_model_dir)}
+    assert form.build_recipe(hub, demo, tmp_path)[0].data.eval_source is None
+    assert form.build_recipe(fields | {"model_kind": form.MODEL_KINDS[0]}, demo, tmp_path)[0].data.eval_source
+
+    run = RunFolder(tmp_path / "local")
+    run.path.mkdir()
+    run.recipe.write_text(f"model: {{name: {json.dumps(str(tiny_model_dir))}}}\n")
+    assert base_model_label(run)[0] == tiny_model_dir.name and "local folder" in base_model_label(run)[1]
+    run.recipe.write_text("model: {name: Qwen/Qwen2.5-0.5B-Instruct}\n")
+    assert base_model_label(run) == ("Qwen/Qwen2.5-0.5B-Instruct", "")
 
 
 # --------------------------------------------------------------------------- through the API of a live app
@@ -337,6 +422,8 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
     sample = dict(zip(v.samples["headers"], v.samples["data"][0], strict=True))
     assert sample["prompt"] and sample["demonstration"] and "completion" in sample
     assert "completed at step 3" in v.log and "3/3" in v.progress
+    # Omitted fields take the form's start values: the demo model's quickstart recipe, with eval sets.
+    assert points(v.evals) and v.eval_note == ""
     assert (app_proc.runs_dir / "quick" / "adapter" / "adapter_model.safetensors").exists()
 
     # The queued run starts by itself; a third launch waits behind it.
@@ -392,9 +479,14 @@ def test_train_stop_restart_cancel_resume(app_proc, fields):
     assert {p[2] for p in points(plot)} == {"quick", "stopme"} and "quick" in compare and "stopme" in compare
 
     base, tuned, note = c.predict(name="quick", prompt="reverse abc", max_new_tokens=8, api_name="/try")
-    assert note == "" and isinstance(base, str) and isinstance(tuned, str)
+    assert note.startswith("Adapter used: the final adapter (`quick/adapter`"), note
+    assert isinstance(base, str) and isinstance(tuned, str)
     zipped, note = c.predict(name="stopme", api_name="/export_adapter")
     assert zipped and Path(zipped).stat().st_size > 0 and "adapter of **stopme**" in note
     zipped, note = c.predict(name="quick", api_name="/export_merged")  # trained unquantized: merge allowed
     assert zipped and "merged model written" in note
     assert (app_proc.runs_dir / "quick" / "merged" / "model.safetensors").exists()
+    # Delete through the API needs confirm=True (the page asks first); then the run is gone.
+    assert "Not deleted" in c.predict(name="stopme", confirm=False, api_name="/delete")
+    assert c.predict(name="stopme", confirm=True, api_name="/delete") == "stopme deleted"
+    assert "stopme" not in table(c) and not (app_proc.runs_dir / "stopme").exists()
