@@ -165,6 +165,11 @@ def _walk_through_tabs(server, page, tiny_model_dir, tmp_path):
         expect(page.get_by_label("data.demonstration_column")).to_have_value("text")
         check_message(page, "data.prompt_column and data.demonstration_column are both 'text'")
         expect(message).not_to_contain_text("Recipe OK")
+        good = tmp_path / "good.csv"
+        good.write_text("prompt,demonstration\nSay this word twice: cat,cat cat\n")
+        page.get_by_label("data.source").fill(str(good))
+        page.get_by_label("data.source").press("Enter")
+        expect(page.get_by_label("data.demonstration_column")).to_have_value("demonstration")
         page.get_by_label("Hub id or local folder").check()
         page.get_by_label("model.name").fill("sdft-lite-tests/not-downloaded-model")
         check_message(page, "is not in the local Hugging Face cache: download it first")
