@@ -89,6 +89,8 @@ def model_fields(tiny_model_dir: Path, data: Path) -> dict:
         "train__sample_steps": 1,
         "train__save_steps": 2,
         "train__max_steps": 3,
+        # The demo's eval sets stay (the Runs tab shows them), at a few rows each.
+        "extra_keys": "eval.limit=4\neval.max_new_tokens=8",
     }
 
 

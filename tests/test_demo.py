@@ -126,6 +126,7 @@ def test_teacher_beats_student_and_prior_skills_hold():
         assert acc[f"probe_{skill}"] >= 0.8, acc
 
 
+@pytest.mark.slow  # the whole quickstart (400 steps, evaluation): ~90 s on the 2-core AMD EPYC
 def test_quickstart_recipe_learns_the_new_skill(tmp_path):
     """The README's main job, as a user runs it: `sdft-lite train recipes/quickstart.yaml` (only the
     runs folder moved). The teacher row beats the student before training, and the student learns."""

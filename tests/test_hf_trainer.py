@@ -34,7 +34,7 @@ print(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))
 """
 
 
-@pytest.mark.parametrize("source", ["jsonl", "save_to_disk"])
+@pytest.mark.parametrize("source", ["jsonl", pytest.param("save_to_disk", marks=pytest.mark.slow)])
 def test_training_imports_datasets_only_for_sources_that_need_it(tiny_model_dir, tiny_data, tmp_path, source):
     data = tiny_data
     if source == "save_to_disk":  # read with datasets, which is then imported after the Trainer
@@ -56,6 +56,7 @@ def test_training_imports_datasets_only_for_sources_that_need_it(tiny_model_dir,
         assert imported["datasets"]
 
 
+@pytest.mark.slow
 def test_trainer_still_recognises_a_datasets_dataset_made_later(tiny_model_dir, tmp_path):
     code = f"""
 import json, sys
