@@ -298,8 +298,13 @@ class Jobs:
         return f"{name} cancelled at step {step}"
 
     def _terminate(self, proc: subprocess.Popen | None, pid: int | None) -> None:
+        """Cancel: two SIGTERMs (the trainer's first one would stop after the step and save; the
+        second interrupts at once), then SIGKILL if it has not exited within the grace time."""
         if proc is not None:
             proc.terminate()
+            time.sleep(0.2)
+            if proc.poll() is None:
+                proc.terminate()
             try:
                 proc.wait(CANCEL_GRACE_S)
             except subprocess.TimeoutExpired:
@@ -309,6 +314,9 @@ class Jobs:
         if not pid_alive(pid):  # started by an earlier app instance or the CLI: not our child
             return
         os.kill(pid, signal.SIGTERM)
+        time.sleep(0.2)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
         deadline = time.time() + CANCEL_GRACE_S
         while pid_alive(pid) and time.time() < deadline:
             time.sleep(0.2)

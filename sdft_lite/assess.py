@@ -175,7 +175,8 @@ def load_for_eval(recipe, target: str | None, runs_dir: str | Path = "runs"):
 
 def _check_eval_target(target: str, run: RunFolder, runs_dir: str | Path) -> None:
     """A target that is neither a trained run nor a model folder must look like a Hub id
-    (owner/name): a mistyped run name is reported as such, not looked up on the Hub."""
+    (owner/name, or a bare id already in the local cache): a mistyped run name is reported as
+    such, not looked up on the Hub."""
     from .config import DEMO_MODEL
     from .train import TrainError
 
@@ -183,6 +184,10 @@ def _check_eval_target(target: str, run: RunFolder, runs_dir: str | Path) -> Non
         raise TrainError(f"run {run.name} has no adapter/ yet (state: {run.read_status().get('state')})")
     if target == DEMO_MODEL or Path(target).expanduser().is_dir() or target.count("/") == 1:
         return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(target, "config.json"), str):
+        return  # a downloaded Hub model without an owner in its id (e.g. gpt2)
     from .runs import list_runs
 
     names = sorted(r.name for r in list_runs(runs_dir))

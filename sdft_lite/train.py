@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,19 +91,20 @@ def train(recipe: Recipe, recipe_path: str | Path | None = None, announce=None) 
             run.write_status(stage="training")
             signals.training = True
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-            signals.training = False
             run.write_status(stage="saving the adapter")
             save_adapter(trainer.model, trainer.processing_class, run)
+            signals.training = False  # from here a signal interrupts at once: nothing half-written
             if recipe.eval.after and trainer.evaluator.sets and not signals.received:
                 run.write_status(stage="evaluating after training")
                 trainer.evaluator("after", trainer.state.global_step)
-        stopped = run.stop_requested() or signals.received is not None
+        asked = run.stop_requested() or signals.received is not None
+        stopped = asked and trainer.state.global_step < trainer.state.max_steps  # else it had finished
         run.write_status(
             state="stopped" if stopped else "completed",
             step=trainer.state.global_step,
             stage=None,
             error=f"stopped by {signals.received} after step {trainer.state.global_step}"
-            if signals.received
+            if stopped and signals.received
             else None,
             hint=f"resume with: sdft-lite train {run.recipe} --resume" if stopped else None,
             wall_seconds=round(time.time() - start, 1),
@@ -149,18 +150,18 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set from C
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         first = self.received is None
         self.received = signal.Signals(signum).name
         if first and self.training:
-            log.warning("%s: stopping after the current step and saving", self.received)
-            print(
-                f"\n{self.received}: stopping after the current step and saving (again to stop at once)",
-                file=sys.stderr,
-                flush=True,
+            # os.write, not print or logging: a handler that writes to a buffered stream the
+            # interrupted code was writing to raises "reentrant call" (RunCallback logs it).
+            os.write(
+                2,
+                f"\n{self.received}: stopping after the current step and saving (again to stop at once)\n".encode(),
             )
             return
         raise KeyboardInterrupt(self.received)
@@ -220,9 +221,10 @@ def check_run_folder(recipe: Recipe, run: RunFolder) -> Path | None:
         return None
     status = run.read_status()
     state = status.get("state")
-    if state == "running" and status.get("pid") == os.getpid():
+    if status.get("pid") == os.getpid():
         state = "queued"  # the app wrote our own pid when it started us for its queued run
-    if state == "running":
+    elif state in ("running", "queued") and status.get("pid") and run.process_alive(status):
+        # `queued` with a live pid: the app's child, still starting up on this run folder.
         raise RunExistsError(
             f"run '{name}' is still training (pid {status.get('pid')}): stop it first with "
             f"`sdft-lite stop {name} --runs-dir {out}`, or pick another output.name"
@@ -472,7 +474,23 @@ def save_adapter(model, tokenizer, run: RunFolder) -> None:
     model.save_pretrained(str(tmp), selected_adapters=[STUDENT_ADAPTER])
     tokenizer.save_pretrained(str(tmp))
     old = run.path / ".adapter.old"
-    if run.adapter.exists():
-        run.adapter.rename(old)
-    tmp.rename(run.adapter)
+    with _signals_held():  # the two renames are never split by Ctrl-C or a cancel
+        if run.adapter.exists():
+            run.adapter.rename(old)
+        tmp.rename(run.adapter)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Delivery of StopSignals' signals deferred to the end of the block (main thread, POSIX)."""
+    sigmask = getattr(signal, "pthread_sigmask", None)
+    held = set(StopSignals.SIGNALS)
+    if sigmask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        sigmask(signal.SIG_SETMASK, previous)

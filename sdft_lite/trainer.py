@@ -99,7 +99,7 @@ class SDFTTrainer(Trainer):
         self._last_log_step = 0
         self._sampled_step = -1
         self._skip_update = False  # a micro-batch of this optimizer step had a non-finite loss
-        self.skipped_steps = 0
+        self.skipped_steps = run.read_status(raw=True).get("skipped_steps") or 0  # kept on resume
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -133,7 +133,10 @@ class SDFTTrainer(Trainer):
     def _clip_grad_norm(self, model):
         norm = super()._clip_grad_norm(model)
         value = float(norm)
-        if not self._skip_update and not torch.isfinite(torch.tensor(value)):
+        # Under fp16 loss scaling an infinite norm is an overflow that the scaler handles itself
+        # (it skips the step and lowers the scale), not a divergence.
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        if not self._skip_update and not scaled and not torch.isfinite(torch.tensor(value)):
             self._non_finite("gradient norm", value)
         if self._skip_update:
             model.zero_grad(set_to_none=True)  # the optimizer skips weights without a gradient
@@ -180,8 +183,12 @@ class SDFTTrainer(Trainer):
         limit = self.args.save_total_limit
         if not limit:
             return
-        done = sorted(
-            (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        done = sorted(  # complete ones only, as `RunFolder.last_checkpoint` counts them
+            (
+                p
+                for p in root.glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+            ),
             key=lambda p: int(p.name.split("-")[-1]),
         )
         for old in done[:-limit]:
@@ -427,7 +434,8 @@ class RunCallback(TrainerCallback):
         self.run.write_status(state="running", step=state.global_step, total_steps=state.max_steps)
         signalled = self.signals is not None and self.signals.received is not None
         if (signalled or self.run.stop_requested()) and not self.stopped:
-            log.info("stop requested: stopping after step %d and saving", state.global_step)
+            why = self.signals.received if signalled else "stop requested"
+            log.info("%s: stopping after step %d and saving", why, state.global_step)
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True

@@ -139,6 +139,24 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(work, tmp_path):
     assert (keep / "todo.txt").read_text() == "mine"
 
 
+def test_a_run_the_app_is_starting_is_not_replaced(work, tmp_path):
+    """The app's queue marks a launched run `queued` (stage `starting`) under its child's pid until
+    the trainer writes its own status: in that window the folder is in use too."""
+    path, run = work
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        status = json.loads(run.status_file.read_text())
+        run.write_status(state="queued", stage="starting", pid=child.pid)
+        before = files_of(run.path)
+        user_error(cli("train", str(path), "--overwrite", cwd=tmp_path), "still training", f"pid {child.pid}")
+        user_error(cli("train", str(path), "train.max_steps=6", "--resume", cwd=tmp_path), "still training")
+        assert files_of(run.path) == before
+    finally:
+        child.kill()
+        child.wait()
+    assert status["state"] == "completed"
+
+
 def test_interrupted_checkpoint_is_passed_over_on_resume(work, tmp_path):
     """A save cut short (Ctrl-C twice, power loss) leaves a partial folder: resume continues from
     the last complete checkpoint, and checkpoints themselves appear only when complete."""
