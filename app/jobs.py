@@ -28,7 +28,15 @@ from pathlib import Path
 
 import yaml
 
-from sdft_lite.runs import FINAL_STATES, RunFolder, atomic_write_json, atomic_write_text, list_runs, now_iso
+from sdft_lite.runs import (
+    FINAL_STATES,
+    RunFolder,
+    atomic_write_json,
+    atomic_write_text,
+    list_runs,
+    now_iso,
+    process_alive,
+)
 
 from .views import CONSOLE_LOG, is_run_name, queued_order
 
@@ -43,23 +51,15 @@ class JobError(Exception):
 
 
 def pid_alive(pid: int | None) -> bool:
-    """A live training process: exists, is not a zombie, and (where /proc exists) is ours (pid reuse)."""
-    if not pid:
+    """A live training process: `runs.process_alive`, and (where /proc exists) running sdft-lite,
+    not another program that got the pid."""
+    if not process_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path(f"/proc/{pid}")
-    if not proc.exists():
+    if not Path("/proc/self").exists():
         return True  # no procfs (macOS): os.kill is all we can tell
     try:
-        if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-    except (OSError, IndexError):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
         return False
     return b"sdft_lite" in cmdline or b"sdft-lite" in cmdline
 

@@ -180,15 +180,23 @@ def preflight(recipe: Recipe, run: RunFolder) -> Checked:
     """Every check that needs no model weights, before the run folder is created, replaced or
     written: the run name and folder state, the data and probe files, the model's config and
     tokenizer, and every training row's prompt length."""
-    from .data import handle_bad_rows, load_data
+    from .data import load_data
     from .evaluate import eval_sets_from_recipe
     from .prompts import PromptEncoder
 
     checkpoint = check_run_folder(recipe, run)
     data = load_data(recipe.data)
     eval_sets = eval_sets_from_recipe(recipe, data.eval)
-    tokenizer = check_model(recipe)
-    encoded, bad = PromptEncoder(tokenizer, recipe.data).encode(data.train)
+    encode_train(PromptEncoder(check_model(recipe), recipe.data), recipe, data)
+    return Checked(data, eval_sets, checkpoint)
+
+
+def encode_train(encoder, recipe: Recipe, data) -> list:
+    """The training rows encoded, with the bad-row policy applied to prompts that are too long
+    (a check that needs the tokenizer)."""
+    from .data import handle_bad_rows
+
+    encoded, bad = encoder.encode(data.train)
     handle_bad_rows(
         encoded,
         bad,
@@ -197,7 +205,7 @@ def preflight(recipe: Recipe, run: RunFolder) -> Checked:
         split="train",
         where=f"data.source {recipe.data.source}",
     )
-    return Checked(data, eval_sets, checkpoint)
+    return encoded
 
 
 def check_run_folder(recipe: Recipe, run: RunFolder) -> Path | None:
@@ -365,7 +373,7 @@ def build_trainer(
     from transformers import ProgressCallback, TrainingArguments
 
     from .assess import Evaluator
-    from .data import handle_bad_rows, load_data
+    from .data import load_data
     from .evaluate import eval_sets_from_recipe
     from .models import load_frozen
     from .prompts import PromptEncoder
@@ -383,16 +391,8 @@ def build_trainer(
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         return_freed_memory_to_os(mmap_threshold_bytes(recipe, vocab))
     encoder = PromptEncoder(loaded.tokenizer, recipe.data)
-    encoded, bad = encoder.encode(data.train)
-    # Prompt length needs the tokenizer, so it is checked here with the same bad-row policy.
-    handle_bad_rows(
-        encoded,
-        bad,
-        total=len(data.train),
-        on_bad_row=recipe.data.on_bad_row,
-        split="train",
-        where=f"data.source {recipe.data.source}",
-    )
+    # Again with the loaded model's tokenizer (a backend may return its own): the same check.
+    encoded = encode_train(encoder, recipe, data)
     truncated = sum(e.demo_truncated for e in encoded)
     if truncated:
         log.warning("%d demonstrations were truncated to fit data.max_teacher_prompt_tokens", truncated)
